@@ -1,0 +1,59 @@
+"""Self-describing model files: format tag, version, config, weights; atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFileError
+
+FORMAT_TAG = "qinco2-model"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model_config: dict, state_dict: dict, training: dict | None = None) -> None:
+    """Write a model file; ``training`` (optimizer, schedule, counters) makes it resumable."""
+    payload = {"format": FORMAT_TAG, "version": FORMAT_VERSION,
+               "model_config": model_config, "state_dict": state_dict}
+    if training is not None:
+        payload["training"] = training
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a model file written by :func:`save_checkpoint`, checking that it is ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist; train one with `qinco2 task=train ... output={path}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ModelFileError(f"{path} is not a qinco2 model file (torch.load failed: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+        raise ModelFileError(f"{path} is not a qinco2 model file (no '{FORMAT_TAG}' format tag); "
+                             "models from other code bases must be converted first")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has model format version {payload.get('version')}, this qinco2 "
+                             f"reads version {FORMAT_VERSION}; upgrade qinco2 or retrain the model")
+    return payload

@@ -1,0 +1,218 @@
+"""QincoCodec: the user-facing codec (numpy in, numpy out) around a :class:`QincoModel`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .encode import DEFAULT_MAX_BYTES, encode
+from .errors import ConfigError, InputError, NotTrainedError
+from .model import PRESETS, ModelConfig, QincoModel
+from .train import TrainConfig, TrainState, fit, initialize
+
+log = logging.getLogger(__name__)
+
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class QincoCodec:
+    """Train, encode, decode, save and load a QINCo2 (or QINCo1) codec.
+
+    >>> codec = QincoCodec.from_preset("qinco2-S", M=8)      # doctest: +SKIP
+    >>> codec.train(x_train).encode(x)                       # doctest: +SKIP
+
+    ``device`` is chosen by the caller ("cpu", "cuda", "cuda:1", ...). The learned state is
+    ``model_`` (None until :meth:`train` or :meth:`load`).
+    """
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig | None = None,
+                 device=None):
+        self.model_config = model_config
+        self.train_config = train_config or TrainConfig()
+        self.device = _as_device(device)
+        self.model_: QincoModel | None = None
+        self.train_state_: TrainState | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, *, device=None, **overrides) -> "QincoCodec":
+        """A codec from a preset (``qinco1``, ``qinco2-S/M/L``); any field may be overridden."""
+        unknown = set(overrides) - _MODEL_FIELDS - _TRAIN_FIELDS
+        if unknown:
+            raise ConfigError(f"unknown codec field(s) {sorted(unknown)}; model fields: "
+                              f"{sorted(_MODEL_FIELDS)}; training fields: {sorted(_TRAIN_FIELDS)}")
+        model_cfg = ModelConfig.from_preset(name, **{k: v for k, v in overrides.items() if k in _MODEL_FIELDS})
+        train_cfg = TrainConfig.from_preset(name, **{k: v for k, v in overrides.items() if k in _TRAIN_FIELDS})
+        return cls(model_cfg, train_cfg, device=device)
+
+    @property
+    def presets(self) -> list[str]:
+        return sorted(PRESETS)
+
+    # ------------------------------------------------------------------ checks
+    def _model(self) -> QincoModel:
+        if self.model_ is None:
+            raise NotTrainedError("this codec has no model yet: call train(x) or QincoCodec.load(path) first")
+        return self.model_
+
+    @property
+    def dim(self) -> int:
+        return self._model().cfg.D
+
+    @property
+    def n_codes(self) -> int:
+        """Columns of the code arrays: M (plus the leading IVF id for IVF models)."""
+        return self._model().n_codes
+
+    def _check_vectors(self, x, what: str = "x", dim: int | None = None) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"{what} must be a numpy array of shape (N, D), got {type(x).__name__}")
+        if x.ndim != 2:
+            raise InputError(f"{what} must be 2-D (N, D), got shape {x.shape}; use x.reshape(1, -1) for one vector")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise InputError(f"{what} must hold floats or integers, got dtype {x.dtype}")
+        if dim is not None and x.shape[1] != dim:
+            raise InputError(f"{what} has dimension {x.shape[1]} but the codec was trained on D={dim}")
+        return x
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+        if not torch.isfinite(t).all():
+            raise InputError("vectors contain NaN or Inf values; clean or drop those rows first")
+        return t
+
+    # ------------------------------------------------------------------ training
+    def train(self, x_train: np.ndarray, x_val: np.ndarray | None = None, *, mse_scale: float = 1.0,
+              output=None, resume: bool = False, init_model=None, ivf_centroids: np.ndarray | None = None,
+              progress: bool = True) -> "QincoCodec":
+        """Train on ``x_train`` (rows may be uint8 or float; memory-mapped arrays are read batch
+        by batch). Without ``x_val`` the last min(10 000, N/10) rows are held out for validation.
+
+        ``output``: file where the best model is written (atomically) whenever validation
+        improves; with ``resume=True`` an existing ``output`` is continued.
+        ``init_model``: a model file to continue training from (its weights, fresh optimizer).
+        ``ivf_centroids``: raw-space ``(C, D)`` table used as a frozen first step (IVF model).
+        """
+        x_train = self._check_vectors(x_train, "x_train")
+        if x_val is None:
+            n_val = min(10_000, len(x_train) // 10)
+            x_train, x_val = x_train[:-n_val], x_train[-n_val:]
+        self._check_vectors(x_val, "x_val", x_train.shape[1])
+        if len(x_train) < self.model_config.K:
+            raise InputError(f"need at least K={self.model_config.K} training vectors, got {len(x_train)}")
+        torch.manual_seed(self.train_config.seed)
+        resume_payload = self._prepare_model(x_train, output, resume, init_model, ivf_centroids)
+        self.train_state_ = fit(self.model_, self.train_config, x_train, x_val, mse_scale=mse_scale,
+                                output=output, resume=resume_payload, progress=progress)
+        return self
+
+    def _prepare_model(self, x_train, output, resume, init_model, ivf_centroids) -> dict | None:
+        D = x_train.shape[1]
+        if resume and output is not None and Path(output).is_file():
+            payload = load_checkpoint(output)
+            self.model_ = self._build(payload).to(self.device)
+            if "training" not in payload:
+                raise ConfigError(f"{output} holds no training state and cannot be resumed; drop resume=true")
+            log.info("resuming from %s at epoch %d", output, payload["training"]["state"]["epoch"])
+            return payload["training"]
+        if init_model is not None:
+            self.model_ = self._build(load_checkpoint(init_model)).to(self.device)
+            if self.model_.cfg.D != D:
+                raise InputError(f"model {init_model} has D={self.model_.cfg.D}, training data has D={D}")
+            return None
+        cfg = dataclasses.replace(self.model_config, D=D)
+        ivf = None
+        if ivf_centroids is not None:
+            ivf = torch.as_tensor(self._check_vectors(ivf_centroids, "ivf_centroids", D), dtype=torch.float32)
+            cfg = dataclasses.replace(cfg, ivf_K=len(ivf))
+        self.model_config = cfg
+        self.model_ = QincoModel(cfg, ivf).to(self.device)
+        initialize(self.model_, self.train_config, x_train)
+        return None
+
+    # ------------------------------------------------------------------ inference
+    def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None,
+               batch_size: int = 65_536, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+        """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values."""
+        model = self._model()
+        x = self._check_vectors(x, "x", model.cfg.D)
+        A = model.cfg.A if A is None else A
+        B = model.cfg.B if B is None else B
+        if A < 0 or B < 1:
+            raise InputError(f"need A >= 0 and B >= 1, got A={A} B={B}")
+        out = np.empty((len(x), model.n_codes), dtype=np.int32)
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                u = model.normalize(self._tensor(x[i:i + batch_size]))
+                codes, _ = encode(model, u, A=A, B=B, max_bytes=max_bytes)
+                out[i:i + len(u)] = codes.cpu().numpy()
+        return out
+
+    def decode(self, codes: np.ndarray, *, batch_size: int = 65_536) -> np.ndarray:
+        """Float32 vectors ``(N, D)`` from codes ``(N, m)``; ``m < n_codes`` decodes the prefix
+        (the first ``m`` steps: a lower rate from the same model)."""
+        model = self._model()
+        if not isinstance(codes, np.ndarray) or codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+            raise InputError(f"codes must be a 2-D integer numpy array (N, m), got "
+                             f"{getattr(codes, 'shape', type(codes))} {getattr(codes, 'dtype', '')}")
+        if not 1 <= codes.shape[1] <= model.n_codes:
+            raise InputError(f"codes have {codes.shape[1]} columns, this model takes 1..{model.n_codes}")
+        sizes = np.array([s.K for s in model.steps[:codes.shape[1]]])
+        if len(codes) and (codes.min() < 0 or (codes.max(0) >= sizes).any()):
+            raise InputError(f"code values out of range: column m must be in [0, K_m) with K = {sizes.tolist()}")
+        out = np.empty((len(codes), model.cfg.D), dtype=np.float32)
+        with torch.no_grad():
+            for i in range(0, len(codes), batch_size):
+                c = torch.as_tensor(codes[i:i + batch_size].astype(np.int64), device=self.device)
+                out[i:i + len(c)] = model.denormalize(model.decode(c)).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the model (config, normalisation, weights) atomically to ``path``."""
+        model = self._model()
+        save_checkpoint(path, model.cfg.to_dict(), model.state_dict())
+
+    @classmethod
+    def load(cls, path, *, device=None, **overrides) -> "QincoCodec":
+        """Load a model file; ``A``/``B`` (and training fields) may be overridden."""
+        payload = load_checkpoint(path)
+        codec = cls(ModelConfig(**payload["model_config"]), device=device)
+        codec.model_ = codec._build(payload).to(codec.device)
+        if payload.get("training"):
+            codec.train_config = TrainConfig(**payload["training"]["config"])
+        for key, value in overrides.items():
+            if key in ("A", "B"):
+                setattr(codec.model_.cfg, key, value)
+            elif key in _TRAIN_FIELDS:
+                setattr(codec.train_config, key, value)
+            else:
+                raise ConfigError(f"cannot override {key!r} when loading; only A, B and training fields")
+        codec.model_config = codec.model_.cfg
+        return codec
+
+    @staticmethod
+    def _build(payload: dict) -> QincoModel:
+        cfg = ModelConfig(**payload["model_config"])
+        model = QincoModel(cfg)
+        model.load_state_dict(payload["state_dict"])
+        return model
+
+    def to(self, device) -> "QincoCodec":
+        self.device = _as_device(device)
+        if self.model_ is not None:
+            self.model_.to(self.device)
+        return self
+

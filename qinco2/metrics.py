@@ -1,0 +1,42 @@
+"""Evaluation measures: MSE, exhaustive k-NN, R@k, code usage and entropy."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def mse(x_ND: np.ndarray, xhat_ND: np.ndarray, scale: float = 1.0, batch: int = 65_536) -> float:
+    """Mean over vectors of the squared L2 error (summed over dimensions), times ``scale``."""
+    total = 0.0
+    for i in range(0, len(x_ND), batch):
+        diff = np.asarray(x_ND[i:i + batch], dtype=np.float64) - xhat_ND[i:i + batch]
+        total += float((diff * diff).sum())
+    return total / max(len(x_ND), 1) * scale
+
+
+def knn(queries_QD: np.ndarray, db_ND: np.ndarray, k: int) -> np.ndarray:
+    """Ids ``(Q, k)`` of the exact L2 nearest database vectors (faiss brute force)."""
+    k = min(k, len(db_ND))
+    _, ids = faiss.knn(np.ascontiguousarray(queries_QD, dtype=np.float32),
+                       np.ascontiguousarray(db_ND, dtype=np.float32), k)
+    return ids
+
+
+def recall_at(ids_QS: np.ndarray, gt_Q: np.ndarray, ks=(1, 10, 100)) -> dict[int, float]:
+    """R@k: fraction of queries whose true nearest neighbour ``gt_Q`` is among the first k ids."""
+    gt_Q = np.asarray(gt_Q).reshape(len(ids_QS), -1)[:, 0]
+    hit = ids_QS == gt_Q[:, None]
+    return {k: float(hit[:, :k].any(1).mean()) for k in ks}
+
+
+def code_usage(codes_NM: np.ndarray, K_per_step) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: fraction of the K codewords used, and entropy of the code distribution in bits."""
+    used, entropy = [], []
+    for m in range(codes_NM.shape[1]):
+        K = K_per_step[m]
+        p = np.bincount(codes_NM[:, m], minlength=K) / max(len(codes_NM), 1)
+        nz = p[p > 0]
+        used.append(len(nz) / K)
+        entropy.append(float(-(nz * np.log2(nz)).sum()))
+    return np.array(used), np.array(entropy)

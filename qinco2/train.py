@@ -1,0 +1,358 @@
+"""Training: normalisation, RQ initialisation, the two-pass optimisation loop, schedules,
+codeword resets, validation, best-model checkpoints and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import save_checkpoint
+from .datasets import epoch_batches
+from .encode import encode
+from .errors import ConfigError
+from .model import QincoModel
+
+log = logging.getLogger(__name__)
+
+PRESET_TRAINING: dict[str, dict] = {
+    "qinco1": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, grad_clip=None, scheduler="plateau",
+                   patience=20, init_noise=0.0, codeword_reset=False, normalization="max_abs",
+                   full_epochs=True),
+    "qinco2-S": {}, "qinco2-M": {}, "qinco2-L": {},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are those of the QINCo2 presets."""
+
+    lr: float = 8e-4
+    optimizer: str = "adamw"            # "adamw" | "adam"
+    weight_decay: float = 0.1
+    grad_clip: float | None = 0.1       # element-wise value clipping
+    batch: int = 1024
+    grad_accumulate: int = 1
+    epochs: int = 60                    # length of the cosine schedule
+    ramp_epochs: int = 3
+    lr_min_factor: float = 1e-3
+    scheduler: str = "cosine"           # "cosine" | "plateau"
+    patience: int = 10
+    loop: int = 10_000_000              # samples per epoch (window over the training set)
+    full_epochs: bool = False           # epoch = one pass over the whole training set
+    init_noise: float = 0.1
+    init_samples: int = 1_000_000
+    codeword_reset: bool = True
+    normalization: str = "mean_std"     # "mean_std" (QINCo2) | "max_abs" (QINCo1)
+    amp: bool = True                    # fp16 autocast, CUDA only
+    seed: int = 0
+    max_time_s: float | None = None     # wall-clock budget; stops after the current batch
+    max_epochs: int | None = None
+    tensorboard: str | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in PRESET_TRAINING:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESET_TRAINING)}")
+        return cls(**{**PRESET_TRAINING[name], **overrides}).validated()
+
+    def validated(self) -> "TrainConfig":
+        if self.optimizer not in ("adamw", "adam"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "plateau"):
+            raise ConfigError(f"scheduler must be 'cosine' or 'plateau', got {self.scheduler!r}")
+        if self.normalization not in ("mean_std", "max_abs"):
+            raise ConfigError(f"normalization must be 'mean_std' or 'max_abs', got {self.normalization!r}")
+        if self.batch < 1 or self.grad_accumulate < 1 or self.loop < 1:
+            raise ConfigError("batch, grad_accumulate and loop must be >= 1")
+        return self
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:
+    """Set the model's mean/scale from (the first 100k rows of) the initialisation data."""
+    x = torch.from_numpy(np.asarray(x_init[:100_000], dtype=np.float32))
+    if how == "mean_std":
+        model.mean.copy_(x.mean(0))
+        model.scale.copy_(x.double().std(unbiased=False).float())
+    else:
+        model.mean.zero_()
+        model.scale.copy_(x.abs().max().clamp_min(1e-12))
+
+
+def _kmeans(r_ND: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    km = faiss.Kmeans(r_ND.shape[1], K, niter=10, seed=seed, max_points_per_centroid=1 << 30)
+    km.train(r_ND)
+    _, assign = km.index.search(r_ND, 1)
+    return km.centroids, assign[:, 0]
+
+
+@torch.no_grad()
+def rq_initialize(model: QincoModel, x_init: np.ndarray, noise: float, seed: int) -> None:
+    """Stage-wise k-means residual quantisation in raw space, mapped into the model + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    r = np.ascontiguousarray(x_init, dtype=np.float32).copy()
+    mean, scale = model.mean.cpu(), model.scale.cpu()
+    for s, step in enumerate(model.steps):
+        if step.frozen:
+            raw = (step.codebook.cpu() * scale + mean).numpy()
+            _, assign = faiss.knn(r, raw, 1)
+            r -= raw[assign[:, 0]]
+            continue
+        C_KD, assign = _kmeans(r, step.K, seed + s)
+        r -= C_KD[assign]
+        C = torch.from_numpy(C_KD)
+        C = (C - mean) / scale if s == 0 else C / scale
+        C = C + torch.randn(C.shape, generator=gen) * C.std() * noise
+        step.codebook.copy_(C)
+        if step.preselector is not None:
+            step.preselector.copy_(C)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def cosine_factor(t: float, cfg: TrainConfig) -> float:
+    """Warm-up over ``ramp_epochs`` then a quarter cosine reaching 0 at ``ramp + epochs``."""
+    f = t / cfg.ramp_epochs if t < cfg.ramp_epochs else math.cos(
+        math.pi / 2 * min(1.0, (t - cfg.ramp_epochs) / cfg.epochs))
+    return max(f, cfg.lr_min_factor)
+
+
+def make_optimizer(model: QincoModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_scale: float,
+                   batch: int = 4096) -> float:
+    """Raw-space MSE (sum over dims, mean over vectors) times ``mse_scale``."""
+    device = model.mean.device
+    total, n = 0.0, 0
+    for i in range(0, len(x_val), batch):
+        x = torch.as_tensor(np.asarray(x_val[i:i + batch], dtype=np.float32), device=device)
+        _, xhat = encode(model, model.normalize(x), A=A, B=B)
+        total += ((model.denormalize(xhat) - x) ** 2).sum().item()
+        n += len(x)
+    return total / max(n, 1) * mse_scale
+
+
+# ----------------------------------------------------------------------------- codeword reset
+
+@torch.no_grad()
+def reset_unused_codewords(model: QincoModel, usage: list[torch.Tensor | None], noise: float,
+                           gen: torch.Generator) -> list[int]:
+    """Replace codewords unused during the epoch by draws from the running residual stats.
+
+    ``usage[m]`` counts how often each code of step ``m`` was chosen (None for frozen steps).
+    Returns the number of codewords reset per step.
+    """
+    counts = []
+    for step, used_K in zip(model.steps, usage):
+        dead = (used_K == 0).nonzero()[:, 0] if used_K is not None else None
+        counts.append(0 if dead is None else int(dead.numel()))
+        if not counts[-1]:
+            continue
+        R = torch.rand(step.codebook.shape, generator=gen).to(step.codebook.device)
+        new = (R - R.mean()) / R.std() * step.running_std + step.running_mean
+        step.codebook[dead] = new[dead]
+        if step.preselector is not None:
+            jitter = torch.randn(new.shape, generator=gen).to(new.device) * new.std() * noise / 4
+            step.preselector[dead] = (new + jitter)[dead]
+    return counts
+
+
+@torch.no_grad()
+def update_running_stats(model: QincoModel, u_ND: torch.Tensor, codes_NM: torch.Tensor,
+                         momentum: float = 0.1) -> None:
+    """EMA of per-dimension mean/std of the target ``u - xhat`` entering each step."""
+    xhat = torch.zeros_like(u_ND)
+    for m, step in enumerate(model.steps):
+        if not step.frozen:
+            target = u_ND - xhat
+            step.running_mean.lerp_(target.mean(0), momentum)
+            step.running_std.lerp_(target.std(0), momentum)
+        xhat = step(codes_NM[:, m], xhat)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainState:
+    """Counters that make a run resumable (stored in the checkpoint)."""
+
+    epoch: int = 0                  # next epoch to run
+    best_mse: float = math.inf
+    best_epoch: int = -1
+    init_mse: float | None = None
+    step: int = 0
+    elapsed_s: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+
+
+def _lr_for(cfg: TrainConfig, t: float) -> float | None:
+    return cfg.lr * cosine_factor(t, cfg) if cfg.scheduler == "cosine" else None
+
+
+def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scaler, bar, deadline,
+                 writer) -> tuple[float, list, bool]:
+    """One epoch of two-pass steps; returns (mean loss, code usage per step, out_of_time)."""
+    device = model.mean.device
+    mcfg = model.cfg
+    rng = np.random.default_rng([cfg.seed, state.epoch])
+    n_batches = bar.total
+    usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
+    use_amp = cfg.amp and device.type == "cuda"
+    losses, out_of_time = [], False
+    batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
+                            full_pass=cfg.full_epochs)
+    for i, batch in enumerate(batches):
+        u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
+        codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
+        update_running_stats(model, u, codes)
+        for m, used in enumerate(usage):
+            if used is not None:
+                used += torch.bincount(codes[:, m], minlength=used.numel())
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss_rec, loss_pre = model.losses(u, codes)
+        scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
+        if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
+            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches)
+            if lr is not None:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            scaler.unscale_(opt)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        state.step += 1
+        losses.append(loss_rec.item() + loss_pre.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{state.best_mse:.5g}")
+        if writer is not None:
+            writer.add_scalar("train/loss_rec", loss_rec.item(), state.step)
+            writer.add_scalar("train/loss_pre", loss_pre.item(), state.step)
+            writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state.step)
+        if deadline is not None and time.monotonic() > deadline:
+            out_of_time = True
+            break
+    return float(np.mean(losses)) if losses else math.nan, usage, out_of_time
+
+
+def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bool:
+    if finished_epoch - state.best_epoch > cfg.patience:
+        return True
+    if cfg.scheduler == "cosine" and finished_epoch >= cfg.epochs + cfg.patience:
+        return True
+    return cfg.max_epochs is not None and finished_epoch + 1 >= cfg.max_epochs
+
+
+def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
+        mse_scale: float = 1.0, output=None, resume: dict | None = None,
+        progress: bool = True) -> TrainState:
+    """Train ``model`` in place; the best model (by validation MSE) is loaded at the end and,
+    when ``output`` is given, written there atomically each time it improves.
+
+    ``model`` must already be initialised (:func:`initialize`) unless ``resume`` holds the
+    ``training`` part of a checkpoint, whose optimizer and counters are then restored.
+    """
+    device = model.mean.device
+    opt = make_optimizer(model, cfg)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=0.1, patience=10, threshold=1e-10, min_lr=cfg.lr * 1e-2) if cfg.scheduler == "plateau" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    state = TrainState()
+    if resume is not None:
+        state = TrainState(**resume["state"])
+        opt.load_state_dict(resume["optimizer"])
+        if plateau is not None and resume.get("plateau"):
+            plateau.load_state_dict(resume["plateau"])
+    writer = _tensorboard_writer(cfg.tensorboard)
+    mcfg = model.cfg
+    if state.init_mse is None:
+        state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale)
+        log.info("validation MSE after initialisation: %.6g", state.init_mse)
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = time.monotonic() - state.elapsed_s
+    deadline = start + cfg.max_time_s if cfg.max_time_s else None
+    n_batches = _batches_per_epoch(len(x_train), cfg)
+    while True:
+        lr0 = _lr_for(cfg, state.epoch)
+        if lr0 is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr0
+        with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not progress, leave=False) as bar:
+            loss, usage, out_of_time = _train_epoch(model, cfg, x_train, state, opt, scaler, bar, deadline, writer)
+        val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale)
+        epoch = state.epoch
+        state.epoch += 1
+        state.elapsed_s = time.monotonic() - start
+        improved = val < state.best_mse - 1e-6
+        if improved:
+            state.best_mse, state.best_epoch = val, epoch
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if output is not None:
+                save_checkpoint(output, mcfg.to_dict(), model.state_dict(),
+                                _training_payload(cfg, state, opt, plateau))
+        if plateau is not None:
+            plateau.step(val)
+        resets = []
+        if cfg.codeword_reset:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            resets = reset_unused_codewords(model, usage, cfg.init_noise, gen)
+        record = dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
+                      lr=opt.param_groups[0]["lr"], resets=resets, elapsed_s=round(state.elapsed_s, 2))
+        state.history.append(record)
+        log.info("epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
+                 state.best_mse, sum(resets))
+        if progress:
+            tqdm.write(f"epoch {epoch}: train loss {loss:.5f}  val MSE {val:.6g}  best {state.best_mse:.6g}")
+        if writer is not None:
+            writer.add_scalar("val/mse", val, epoch)
+        if out_of_time or _should_stop(cfg, state, epoch):
+            break
+    model.load_state_dict(best_weights)
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def _batches_per_epoch(n_train: int, cfg: TrainConfig) -> int:
+    n = n_train if (cfg.full_epochs or n_train <= cfg.loop) else cfg.loop
+    return max(1, math.ceil(n / cfg.batch))
+
+
+def _training_payload(cfg: TrainConfig, state: TrainState, opt, plateau) -> dict:
+    return {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
+            "optimizer": opt.state_dict(), "plateau": plateau.state_dict() if plateau else None}
+
+
+def _tensorboard_writer(logdir: str | None):
+    if not logdir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # optional dependency
+    return SummaryWriter(logdir)
+
+
+def initialize(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray) -> None:
+    """Fresh-run initialisation: normalisation statistics, then RQ codebooks."""
+    x_init = np.asarray(x_train[:cfg.init_samples], dtype=np.float32)
+    fit_normalization(model, x_init, cfg.normalization)
+    if model.steps[0].frozen:
+        ivf = model.steps[0].codebook
+        ivf.copy_((ivf - model.mean) / model.scale)
+    rq_initialize(model, x_init, cfg.init_noise, cfg.seed)
