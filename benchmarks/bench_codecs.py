@@ -1,0 +1,137 @@
+"""Codec benchmark: faiss PQ / OPQ / RQ / LSQ against qinco2 codecs on one data set.
+
+Trains each codec on the training split, measures MSE on the database, R@1/10/100 by exact
+search of the queries over the decoded database, training time and encode/decode time per
+vector. Each codec appends one JSON line (with machine, threads, versions and the command)
+to ``--out`` as soon as it is done, so an interrupted run keeps what it measured.
+
+    python benchmarks/bench_codecs.py --bytes 8 --codecs pq opq rq1 rq32 lsq qinco2 qinco1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from qinco2 import DataLimits, QincoCodec, resolve_dataset
+from qinco2.metrics import knn, mse, recall_at
+
+FAISS_FACTORIES = {
+    "pq": "PQ{M}x8",
+    "opq": "OPQ{M},PQ{M}x8",
+    "rq1": "RQ{M}x8",
+    "rq32": "RQ{M}x8",
+    "lsq": "LSQ{M}x8",
+}
+
+
+def environment(threads: int) -> dict:
+    return {
+        "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "threads": threads, "device": "cpu",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "faiss": faiss.__version__, "numpy": np.__version__,
+        "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def quality(xb, xr, xq, gt, mse_scale) -> dict:
+    ids = knn(xq, xr, 100)
+    rec = recall_at(ids, gt)
+    return {"mse": mse(xb, xr, mse_scale), "R@1": rec[1], "R@10": rec[10], "R@100": rec[100]}
+
+
+def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, n_train: int) -> dict:
+    index = faiss.index_factory(xt.shape[1], FAISS_FACTORIES[name].format(M=M))
+    flags = {}
+    if name.startswith("rq"):
+        index.rq.max_beam_size = int(name[2:])
+        flags = {"max_beam_size": index.rq.max_beam_size, "train_type": int(index.rq.train_type)}
+    _, t_train = timed(index.train, xt[:n_train])
+    codes, t_enc = timed(index.sa_encode, xb)
+    xr, t_dec = timed(index.sa_decode, codes)
+    return {"codec": f"faiss {FAISS_FACTORIES[name].format(M=M)}", "flags": flags, "n_train": min(n_train, len(xt)),
+            "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
+            **quality(xb, xr, xq, gt, mse_scale)}
+
+
+def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, args) -> dict:
+    preset, overrides, eval_AB = QINCO_SETTINGS[name]
+    overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60}
+    codec = QincoCodec.from_preset(preset, **overrides)
+    out = os.path.join(args.model_dir, f"{name}-{args.dataset}-{M}x8.pt")
+    _, t_train = timed(lambda: codec.train(xt, xv, mse_scale=mse_scale, output=out, progress=False))
+    A, B = eval_AB
+    codes, t_enc = timed(lambda: codec.encode(xb, A=A, B=B))
+    xr, t_dec = timed(codec.decode, codes)
+    st = codec.train_state_
+    return {"codec": f"qinco2 {name}", "preset": preset, "overrides": overrides, "eval_A": A, "eval_B": B,
+            "n_train": len(xt), "epochs_run": st.epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
+            "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
+            "model_file": out, **quality(xb, xr, xq, gt, mse_scale)}
+
+
+# name -> (preset, field overrides, (A, B) used to encode the database)
+QINCO_SETTINGS = {
+    # QINCo2-S architecture; trained with a cheap search (A=4, B=2) to fit the CPU budget,
+    # evaluated with a wider one.
+    "qinco2": ("qinco2-S", dict(A=4, B=2, loop=500_000, epochs=12, ramp_epochs=1, batch=1024), (16, 8)),
+    # QINCo1 options (no skip, no projection, exhaustive encoding, Adam, plateau); L=1, dh=128
+    # so that exhaustive encoding of the database fits the CPU budget.
+    "qinco1": ("qinco1", dict(L=1, dh=128, loop=500_000), (0, 1)),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="sift-photos")
+    p.add_argument("--bytes", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--codecs", nargs="+", default=list(FAISS_FACTORIES) + list(QINCO_SETTINGS))
+    p.add_argument("--faiss-train", type=int, default=500_000, help="training vectors for PQ/OPQ/RQ1")
+    p.add_argument("--slow-train", type=int, default=100_000, help="training vectors for RQ32/LSQ")
+    p.add_argument("--qinco-minutes", type=float, default=30.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model-dir", default="runs/bench")
+    p.add_argument("--out", default="benchmarks/results/codecs.jsonl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    os.makedirs(args.model_dir, exist_ok=True)
+    ds = resolve_dataset(args.dataset)
+    xt_raw, xv_raw = ds.train_val(DataLimits())
+    xt = np.ascontiguousarray(xt_raw, dtype=np.float32)
+    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
+    xq, gt = ds.query_vectors(), ds.ground_truth()
+    env = environment(args.threads)
+    for M in args.bytes:
+        for name in args.codecs:
+            if name in FAISS_FACTORIES:
+                n_train = args.slow_train if name in ("rq32", "lsq") else args.faiss_train
+                row = run_faiss(name, M, xt, xb, xq, gt, ds.mse_scale, n_train)
+            else:
+                row = run_qinco(name, M, xt_raw, xv_raw, xb, xq, gt, ds.mse_scale, args)
+            row = {"bench": "codecs", "dataset": args.dataset, "bytes": M, "mse_scale": ds.mse_scale, **row, **env}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{M:3d} B  {row['codec']:28s} MSE {row['mse']:.4f}  R@1 {row['R@1']:.3f}  "
+                  f"R@10 {row['R@10']:.3f}  R@100 {row['R@100']:.3f}  train {row['train_s']:.0f}s  "
+                  f"enc {row['encode_us']:.1f}us  dec {row['decode_us']:.1f}us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
