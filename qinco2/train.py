@@ -183,7 +183,8 @@ def update_running_stats(model: QincoModel, u_ND: torch.Tensor, codes_NM: torch.
         if not step.frozen:
             target = u_ND - xhat
             step.running_mean.lerp_(target.mean(0), momentum)
-            step.running_std.lerp_(target.std(0), momentum)
+            if len(target) > 1:  # a one-row batch (an epoch's last) has no std: keep the EMA
+                step.running_std.lerp_(target.std(0), momentum)
         xhat = step(codes_NM[:, m], xhat)
 
 

@@ -1,0 +1,262 @@
+"""Tests of qinco2.train: schedule, normalisation, initialisation, running statistics,
+codeword resets, and short end-to-end fits (quality, seeding, checkpoints, resume)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from qinco2.checkpoint import atomic_torch_save, load_checkpoint
+from qinco2.codec import QincoCodec
+from qinco2.encode import beam_search
+from qinco2.errors import ConfigError
+from qinco2.metrics import mse
+from qinco2.model import ModelConfig, QincoModel
+from qinco2.train import (TrainConfig, cosine_factor, fit_normalization, initialize,
+                          reset_unused_codewords, update_running_stats)
+
+# A fast training setup on 16-d clustered data: 12 batches of 256 per epoch.
+FAST = dict(M=2, K=16, L=1, de=None, dh=32, A=4, B=4, batch=256, epochs=6, ramp_epochs=1,
+            lr=3e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(clustered):
+    x = clustered(3600, seed=0)
+    return x[:3000], x[3000:]
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_train_presets_and_validation():
+    q1 = TrainConfig.from_preset("qinco1")
+    assert (q1.optimizer, q1.lr, q1.weight_decay, q1.grad_clip, q1.scheduler, q1.patience,
+            q1.codeword_reset, q1.normalization) == ("adam", 1e-4, 0.0, None, "plateau", 20, False, "max_abs")
+    q2 = TrainConfig.from_preset("qinco2-S", lr=1e-3)
+    assert (q2.optimizer, q2.lr, q2.weight_decay, q2.grad_clip, q2.epochs, q2.ramp_epochs,
+            q2.patience, q2.init_noise) == ("adamw", 1e-3, 0.1, 0.1, 60, 3, 10, 0.1)
+    for bad in (dict(optimizer="sgd"), dict(scheduler="step"), dict(normalization="l2"), dict(batch=0)):
+        with pytest.raises(ConfigError):
+            TrainConfig.from_preset("qinco2-M", **bad)
+    with pytest.raises(ConfigError):
+        TrainConfig.from_preset("nope")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_cosine_factor_values():
+    cfg = TrainConfig(epochs=60, ramp_epochs=3, lr_min_factor=1e-3)
+    assert cosine_factor(0.0, cfg) == 1e-3                    # floor during the first batches
+    assert cosine_factor(1.5, cfg) == pytest.approx(0.5)      # linear ramp t / 3
+    assert cosine_factor(3.0, cfg) == pytest.approx(1.0)
+    assert cosine_factor(33.0, cfg) == pytest.approx(math.cos(math.pi / 4))
+    assert cosine_factor(60.0, cfg) == pytest.approx(math.cos(math.pi / 2 * 57 / 60))  # ~0.078
+    assert cosine_factor(63.0, cfg) == 1e-3                   # cosine reaches 0 at ramp + epochs
+    assert cosine_factor(100.0, cfg) == 1e-3
+    ts = np.linspace(0, 70, 701)
+    f = np.array([cosine_factor(t, cfg) for t in ts])
+    assert (f >= 1e-3).all() and (f <= 1.0).all()
+    assert (np.diff(f[ts <= 3]) >= 0).all() and (np.diff(f[ts >= 3]) <= 1e-15).all()
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def test_fit_normalization_mean_std_and_max_abs(clustered):
+    x = clustered(500, D=6)
+    model = QincoModel(ModelConfig(D=6, M=1, K=4, A=0))
+    fit_normalization(model, x, "mean_std")
+    np.testing.assert_allclose(model.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    # a single scalar: the std of all entries around the global mean (numpy's x.std())
+    assert model.scale.item() == pytest.approx(float(x.astype(np.float64).std()), rel=1e-5)
+    fit_normalization(model, x, "max_abs")
+    assert not model.mean.any() and model.scale.item() == pytest.approx(np.abs(x).max(), rel=1e-6)
+
+
+def test_initialize_gives_rq_codebooks_and_equal_preselectors(clustered):
+    x = clustered(1000, D=8)
+    model = QincoModel(ModelConfig(D=8, M=3, K=8, L=1, de=None, dh=8, A=2, B=2))
+    initialize(model, TrainConfig(init_noise=0.0, seed=0), x)
+    for step in model.steps[1:]:
+        assert torch.equal(step.codebook, step.preselector)  # same tensor copied
+    # f(c, x_hat) = c at init here (zero-init, no projections): the model is an RQ, whose
+    # first stage is a k-means of the data and whose later stages shrink the error
+    codes, _ = beam_search(model, model.normalize(torch.as_tensor(x)), A=0, B=1)
+    with torch.no_grad():
+        err = [mse(x, model.denormalize(model.decode(codes[:, :m])).numpy()) for m in (1, 2, 3)]
+    assert err[0] > err[1] > err[2]
+    assert err[0] < 0.5 * mse(x, np.broadcast_to(x.mean(0), x.shape))
+
+
+# ----------------------------------------------------------------------------- running stats
+
+def test_running_stats_ema_and_single_row_batches():
+    model = QincoModel(ModelConfig(D=4, M=2, K=8, de=None, A=2, B=2))
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(32, 4, generator=g) * 3 + 1
+    codes = torch.randint(0, 8, (32, 2), generator=g)
+    update_running_stats(model, u, codes)
+    torch.testing.assert_close(model.steps[0].running_mean, 0.1 * u.mean(0))        # from 0
+    torch.testing.assert_close(model.steps[0].running_std, 0.9 + 0.1 * u.std(0))   # from 1
+    target = u - model.steps[0].codebook[codes[:, 0]]
+    torch.testing.assert_close(model.steps[1].running_mean, 0.1 * target.mean(0))
+    # the last batch of an epoch may hold a single row: its std is undefined, stats stay finite
+    update_running_stats(model, u[:1], codes[:1])
+    for step in model.steps:
+        assert torch.isfinite(step.running_std).all() and torch.isfinite(step.running_mean).all()
+
+
+# ----------------------------------------------------------------------------- codeword reset
+
+def test_reset_replaces_exactly_the_unused_rows():
+    torch.manual_seed(0)
+    model = QincoModel(ModelConfig(D=4, M=3, K=512, L=1, de=None, dh=4, A=2, B=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.steps[1].running_mean.copy_(torch.tensor([10.0, -5.0, 0.0, 3.0]))
+    model.steps[1].running_std.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    usage = [torch.ones(512, dtype=torch.long), torch.zeros(512, dtype=torch.long),
+             torch.ones(512, dtype=torch.long)]
+    usage[0][[3, 100]] = 0
+    usage[2][7] = 0
+    counts = reset_unused_codewords(model, usage, noise=0.1, gen=torch.Generator().manual_seed(1))
+    assert counts == [2, 512, 1]
+    after = model.state_dict()
+    for m, used in enumerate(usage):
+        for name in ("codebook", "preselector"):
+            key = f"steps.{m}.{name}"
+            if key not in after:
+                continue
+            changed = (after[key] != before[key]).any(1)
+            assert torch.equal(changed, used == 0), key
+    for key in after:  # nothing but codebook/pre-selector rows moved
+        if not key.endswith(("codebook", "preselector")):
+            assert torch.equal(after[key], before[key]), key
+    # new rows follow the running statistics: per-dim mean and std (512 draws; loose bounds)
+    new = after["steps.1.codebook"]
+    std = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ((new.mean(0) - torch.tensor([10.0, -5.0, 0.0, 3.0])).abs() < 0.25 * std).all()
+    assert ((new.std(0) / std - 1).abs() < 0.15).all()
+    # the pre-selector gets the same rows plus a small jitter (tau/4 of the spread)
+    jitter = after["steps.1.preselector"] - new
+    assert 0 < jitter.std() < 0.1 * new.std()
+
+
+def test_reset_never_touches_the_ivf_step():
+    model = QincoModel(ModelConfig(D=4, M=1, K=8, L=1, de=None, dh=4, A=2, B=2, ivf_K=3),
+                       torch.randn(3, 4))
+    ivf = model.steps[0].codebook.clone()
+    counts = reset_unused_codewords(model, [None, torch.zeros(8, dtype=torch.long)], 0.1,
+                                    torch.Generator().manual_seed(0))
+    assert counts == [0, 8] and torch.equal(model.steps[0].codebook, ivf)
+
+
+# ----------------------------------------------------------------------------- end-to-end fits
+
+def _codec(**overrides):
+    return QincoCodec.from_preset("qinco2-S", **{**FAST, **overrides})
+
+
+def test_fit_beats_its_rq_initialisation_and_faiss_rq(data):
+    x_train, x_val = data
+    codec = _codec(max_epochs=6).train(x_train, x_val, progress=False)
+    state = codec.train_state_
+    assert len(state.history) == 6 and state.best_epoch >= 0
+    final = mse(x_val, codec.decode(codec.encode(x_val)))
+    assert final == pytest.approx(state.best_mse, rel=1e-4)  # best weights are kept
+    assert final < 0.8 * state.init_mse  # observed ~0.6
+    # faiss ResidualQuantizer with the same M and K (greedy: its beam-5 training is worse here)
+    rq = faiss.ResidualQuantizer(x_train.shape[1], FAST["M"], int(math.log2(FAST["K"])))
+    rq.max_beam_size = 1
+    rq.train(x_train)
+    rq_mse = mse(x_val, rq.decode(rq.compute_codes(x_val)))
+    assert final < 0.8 * rq_mse  # observed ~0.52: implicit codebooks follow the clusters
+
+
+def test_same_seed_same_model_other_seed_other_model(data):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    runs = [_codec(max_epochs=2, seed=s).train(x_train, x_val, progress=False) for s in (5, 5, 6)]
+    sd = [r.model_.state_dict() for r in runs]
+    assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
+    assert np.array_equal(runs[0].encode(x_val), runs[1].encode(x_val))
+    assert not torch.equal(sd[0]["steps.1.codebook"], sd[2]["steps.1.codebook"])
+
+
+def test_qinco1_preset_trains_with_adam_and_plateau(data):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    codec = QincoCodec.from_preset("qinco1", M=2, K=16, L=1, dh=16, batch=256, lr=1e-3,
+                                   max_epochs=2).train(x_train, x_val, progress=False)
+    assert codec.train_config.scheduler == "plateau"
+    assert codec.train_state_.best_mse < codec.train_state_.init_mse
+
+
+def test_best_checkpoint_is_written_and_loads(data, tmp_path):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    path = tmp_path / "run" / "model.pt"
+    codec = _codec(max_epochs=2).train(x_train, x_val, output=path, progress=False)
+    assert path.is_file()
+    assert os.listdir(path.parent) == ["model.pt"]  # no temporary files left behind
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["format"] == "qinco2-model" and payload["model_config"]["D"] == 16
+    assert payload["training"]["state"]["best_mse"] == codec.train_state_.best_mse
+    loaded = QincoCodec.load(path)
+    assert np.array_equal(loaded.encode(x_val), codec.encode(x_val))
+
+
+def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "m.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        atomic_torch_save({"bad": lambda: None}, path)  # lambdas cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_one_row_last_batch_keeps_the_model_finite(data):
+    x_train, x_val = data[0][:2 * 256 + 1], data[1][:100]  # each epoch ends on a 1-row batch
+    codec = _codec(max_epochs=2).train(x_train, x_val, progress=False)
+    for name, t in codec.model_.state_dict().items():
+        assert torch.isfinite(t).all(), name
+
+
+def test_max_time_stops_after_one_batch(data):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    codec = _codec(max_epochs=5, max_time_s=1e-9).train(x_train, x_val, progress=False)
+    state = codec.train_state_
+    assert len(state.history) == 1 and state.step == 1  # 5 batches per epoch otherwise
+
+
+def test_resume_continues_from_the_saved_epoch(data, tmp_path):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    path = tmp_path / "model.pt"
+    first = _codec(max_epochs=2).train(x_train, x_val, output=path, progress=False)
+    saved = load_checkpoint(path)["training"]["state"]
+    assert saved["epoch"] == first.train_state_.best_epoch + 1
+    second = _codec(max_epochs=4).train(x_train, x_val, output=path, resume=True, progress=False)
+    state = second.train_state_
+    assert state.init_mse == saved["init_mse"]  # restored, not recomputed
+    assert state.epoch > saved["epoch"] and state.step > saved["step"]
+    assert len(state.history) > len(saved["history"])
+    assert state.history[:len(saved["history"])] == saved["history"]
+    assert state.history[len(saved["history"])]["epoch"] == saved["epoch"]
+    assert state.best_mse < saved["best_mse"] and state.best_epoch >= saved["epoch"]
+    # the optimizer state was restored: Adam's step counter in the new best checkpoint
+    # counts the batches of both runs (one optimizer step per batch here)
+    rewritten = load_checkpoint(path)["training"]
+    adam_steps = {int(s["step"]) for s in rewritten["optimizer"]["state"].values()}
+    assert adam_steps == {rewritten["state"]["step"]}
+
+
+def test_tensorboard_writes_event_files(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    x_train, x_val = data[0][:600], data[1][:100]
+    logdir = tmp_path / "tb"
+    _codec(max_epochs=1, tensorboard=str(logdir)).train(x_train, x_val, progress=False)
+    events = [f for f in os.listdir(logdir) if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(logdir / events[0]) > 100
