@@ -125,6 +125,7 @@ class QincoCodec:
             self.model_ = self._build(payload).to(self.device)
             if "training" not in payload:
                 raise ConfigError(f"{output} holds no training state and cannot be resumed; drop resume=true")
+            self.model_config = self.model_.cfg
             log.info("resuming from %s at epoch %d", output, payload["training"]["state"]["epoch"])
             return payload["training"]
         if init_model is not None:
@@ -152,6 +153,9 @@ class QincoCodec:
         B = model.cfg.B if B is None else B
         if A < 0 or B < 1:
             raise InputError(f"need A >= 0 and B >= 1, got A={A} B={B}")
+        if A > 0 and model.cfg.A == 0:
+            raise InputError(f"A={A} needs pre-selection codebooks, but this model was trained with A=0; "
+                             "encode with A=0 (exhaustive) or retrain with A > 0")
         out = np.empty((len(x), model.n_codes), dtype=np.int32)
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
@@ -195,6 +199,9 @@ class QincoCodec:
             codec.train_config = TrainConfig(**payload["training"]["config"])
         for key, value in overrides.items():
             if key in ("A", "B"):
+                if key == "A" and value and not codec.model_.cfg.A:
+                    raise ConfigError(f"{path} was trained with A=0 (no pre-selection codebooks): "
+                                      "it can only encode with A=0")
                 setattr(codec.model_.cfg, key, value)
             elif key in _TRAIN_FIELDS:
                 setattr(codec.train_config, key, value)

@@ -60,6 +60,10 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls(**{**PRESETS[name], **overrides}).validated()
 
     def validated(self) -> "ModelConfig":

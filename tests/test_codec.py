@@ -10,6 +10,7 @@ from qinco2.checkpoint import FORMAT_TAG, FORMAT_VERSION, atomic_torch_save
 from qinco2.codec import QincoCodec
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from qinco2.metrics import mse
+from qinco2.model import ModelConfig
 
 
 # ----------------------------------------------------------------------------- numpy boundary
@@ -182,3 +183,19 @@ def test_ivf_codec_first_column_is_the_nearest_raw_centroid(codec_data, tiny_cod
     # one scalar scale); allow 1% float32 near-ties
     assert (codes[:, 0] == d.argmin(1)).mean() >= 0.99
     np.testing.assert_allclose(codec.decode(codes[:, :1]), centroids[codes[:, 0]], rtol=1e-5, atol=1e-4)
+
+
+def test_preselection_cannot_be_requested_from_an_exhaustive_model(codec_data, tmp_path):
+    xt = codec_data[0]
+    codec = QincoCodec.from_preset("qinco1", M=2, K=16, L=1, dh=16, loop=2000, max_epochs=1)
+    codec.train(xt, progress=False)
+    with pytest.raises(InputError, match="trained with A=0"):
+        codec.encode(xt[:10], A=4)
+    codec.save(tmp_path / "q1.pt")
+    with pytest.raises(ConfigError, match="A=0"):
+        QincoCodec.load(tmp_path / "q1.pt", A=4)
+
+
+def test_model_preset_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="unknown model field"):
+        ModelConfig.from_preset("qinco2-S", Mx=4)
