@@ -320,8 +320,6 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         state.history.append(record)
         log.info("epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
                  state.best_mse, sum(resets))
-        if progress:
-            tqdm.write(f"epoch {epoch}: train loss {loss:.5f}  val MSE {val:.6g}  best {state.best_mse:.6g}")
         if writer is not None:
             writer.add_scalar("val/mse", val, epoch)
         if out_of_time or _should_stop(cfg, state, epoch):
