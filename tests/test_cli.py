@@ -121,7 +121,7 @@ def test_missing_model_file_names_the_train_command(capsys, files, tmp_path):
 
 def test_python_dash_m_exit_code_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "qinco2", "task=eval", "ds.valst=5"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "ds.valset" in proc.stderr and "Traceback" not in proc.stderr
 
