@@ -12,9 +12,7 @@ import dataclasses
 import difflib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -77,14 +75,15 @@ class CliArgs:
     cpu: bool = False
     seed: int = 0
     max_time_s: Optional[float] = None
+    time_schedule: bool = False
     threads: Optional[int] = None
     data_root: Optional[str] = None
 
 
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
 TRAIN_KEYS = ("lr", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
-              "max_time_s", "tensorboard")
-PLANNED_TASKS = ("ivf_centroids", "train_pairwise_decoder", "build_index")
+              "max_time_s", "time_schedule", "tensorboard")
+PLANNED_TASKS = ("train_pairwise_decoder", "build_index")
 
 
 def _leaf_keys(cls=CliArgs, prefix: str = "") -> list[str]:
@@ -285,35 +284,46 @@ def task_search(args: CliArgs, given: set[str], device: str) -> dict:
     return {"task": "search", "model": args.model, "dataset": ds.name, **r}
 
 
-def write_codes(path, codes_NM: np.ndarray, *, K: int, M: int, D: int, ivf_K: int) -> None:
-    """Atomically write ``codes`` (int32) and the code sizes to a ``.npz`` file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, codes=codes_NM.astype(np.int32), K=K, M=M, D=D, ivf_K=ivf_K)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
+    from .formats import write_vectors
+    from .ivf import assign_to_centroids, train_ivf_centroids
+    from .metrics import mse
+
+    output = _require(args, "output", "path of the centroid file to write, e.g. centroids.npy")
+    K = _require(args, "ivf_K", "number of IVF centroids, e.g. 65536")
+    if Path(output).suffix.lower() not in (".npy", ".fvecs", ".fbin"):  # fail before k-means
+        raise ConfigError(f"output={output}: centroids are float32; write them to a .npy "
+                          "(or .fvecs, .fbin) file")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    ds = _dataset(args)
+    x_train, _ = ds.train_val(_limits(args))
+    start = time.perf_counter()
+    centroids = train_ivf_centroids(x_train, K, seed=args.seed, progress=args.verbose,
+                                    device=device)
+    train_s = time.perf_counter() - start
+    write_vectors(output, centroids)
+    x_eval = x_train[::max(1, -(-len(x_train) // 100_000))]  # MSE on at most 100k training rows
+    err = mse(x_eval, centroids[assign_to_centroids(x_eval, centroids)], ds.mse_scale)
+    result = {"task": "ivf_centroids", "output": output, "dataset": ds.name, "ivf_K": K,
+              "D": int(x_train.shape[1]), "n_train": len(x_train), "train_s": round(train_s, 1),
+              "mse": err, "mse_rows": len(x_eval)}
+    print_table([[k, v] for k, v in result.items() if k != "task"])
+    return result
 
 
 def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
-    from .evaluate import encode_all
+    from .encoding_io import encode_to_npz
 
     output = _require(args, "output", "path of the .npz file to write")
     codec = _load_codec(args, given, device)
     ds = _dataset(args)
     limits = _limits(args)
     parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
-    codes = np.concatenate([encode_all(codec, x, progress=args.verbose) for x in parts])
-    cfg = codec.model_.cfg
-    write_codes(output, codes, K=cfg.K, M=cfg.M, D=cfg.D, ivf_K=cfg.ivf_K)
+    r = encode_to_npz(codec, parts, output, progress=args.verbose)
     what = "training set (training then validation rows)" if args.encode_trainset else "database"
-    print(f"wrote codes {codes.shape} of the {what} of {ds.name} to {output}")
+    print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")
     return {"task": "encode", "output": output, "dataset": ds.name, "split": what,
-            "shape": list(codes.shape)}
+            "shape": r["shape"], "model_sha": r["model_sha"]}
 
 
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
@@ -334,7 +344,8 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 TASKS = {"train": task_train, "eval": task_eval, "eval_valset": task_eval_valset,
-         "search": task_search, "encode": task_encode, "demo": task_demo}
+         "search": task_search, "ivf_centroids": task_ivf_centroids, "encode": task_encode,
+         "demo": task_demo}
 
 
 def usage() -> str:

@@ -12,6 +12,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .encode import DEFAULT_MAX_BYTES, encode
 from .errors import ConfigError, InputError, NotTrainedError
+from .ivf import check_centroids
 from .model import PRESETS, ModelConfig, QincoModel
 from .train import TrainConfig, TrainState, fit, initialize
 
@@ -136,7 +137,7 @@ class QincoCodec:
         cfg = dataclasses.replace(self.model_config, D=D)
         ivf = None
         if ivf_centroids is not None:
-            ivf = torch.as_tensor(self._check_vectors(ivf_centroids, "ivf_centroids", D), dtype=torch.float32)
+            ivf = torch.as_tensor(check_centroids(ivf_centroids, D))
             cfg = dataclasses.replace(cfg, ivf_K=len(ivf))
         self.model_config = cfg
         self.model_ = QincoModel(cfg, ivf).to(self.device)

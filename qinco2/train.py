@@ -54,6 +54,7 @@ class TrainConfig:
     amp: bool = True                    # fp16 autocast, CUDA only
     seed: int = 0
     max_time_s: float | None = None     # wall-clock budget; stops after the current batch
+    time_schedule: bool = False         # spread warm-up + cosine over max_time_s, not over epochs
     max_epochs: int | None = None
     tensorboard: str | None = None
 
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"scheduler must be 'cosine' or 'plateau', got {self.scheduler!r}")
         if self.normalization not in ("mean_std", "max_abs"):
             raise ConfigError(f"normalization must be 'mean_std' or 'max_abs', got {self.normalization!r}")
+        if self.time_schedule and not self.max_time_s:
+            raise ConfigError("time_schedule=true needs a time budget: set max_time_s")
         if self.batch < 1 or self.grad_accumulate < 1 or self.loop < 1:
             raise ConfigError("batch, grad_accumulate and loop must be >= 1")
         return self
@@ -203,8 +206,15 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
-def _lr_for(cfg: TrainConfig, t: float) -> float | None:
-    return cfg.lr * cosine_factor(t, cfg) if cfg.scheduler == "cosine" else None
+def _lr_for(cfg: TrainConfig, t: float, deadline: float | None) -> float | None:
+    """Learning rate at fractional epoch ``t``; with ``time_schedule`` the position in the
+    schedule is the share of the time budget spent, scaled to ``ramp_epochs + epochs``."""
+    if cfg.scheduler != "cosine":
+        return None
+    if cfg.time_schedule and deadline is not None:
+        spent = 1.0 - (deadline - time.monotonic()) / cfg.max_time_s
+        t = (cfg.ramp_epochs + cfg.epochs) * min(max(spent, 0.0), 1.0)
+    return cfg.lr * cosine_factor(t, cfg)
 
 
 def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scaler, bar, deadline,
@@ -230,7 +240,7 @@ def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scale
             loss_rec, loss_pre = model.losses(u, codes)
         scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
         if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
-            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches)
+            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches, deadline)
             if lr is not None:
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -257,7 +267,7 @@ def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scale
 def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bool:
     if finished_epoch - state.best_epoch > cfg.patience:
         return True
-    if cfg.scheduler == "cosine" and finished_epoch >= cfg.epochs + cfg.patience:
+    if cfg.scheduler == "cosine" and not cfg.time_schedule and finished_epoch >= cfg.epochs + cfg.patience:
         return True
     return cfg.max_epochs is not None and finished_epoch + 1 >= cfg.max_epochs
 
@@ -292,7 +302,7 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     deadline = start + cfg.max_time_s if cfg.max_time_s else None
     n_batches = _batches_per_epoch(len(x_train), cfg)
     while True:
-        lr0 = _lr_for(cfg, state.epoch)
+        lr0 = _lr_for(cfg, state.epoch, deadline)
         if lr0 is not None:
             for g in opt.param_groups:
                 g["lr"] = lr0

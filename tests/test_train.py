@@ -17,6 +17,7 @@ from qinco2.encode import beam_search
 from qinco2.errors import ConfigError
 from qinco2.metrics import mse
 from qinco2.model import ModelConfig, QincoModel
+import qinco2.train as train_module
 from qinco2.train import (TrainConfig, cosine_factor, fit_normalization, initialize,
                           reset_unused_codewords, update_running_stats)
 
@@ -260,3 +261,17 @@ def test_tensorboard_writes_event_files(data, tmp_path):
     _codec(max_epochs=1, tensorboard=str(logdir)).train(x_train, x_val, progress=False)
     events = [f for f in os.listdir(logdir) if f.startswith("events.out.tfevents")]
     assert events and os.path.getsize(logdir / events[0]) > 100
+
+
+def test_time_schedule_follows_the_share_of_the_budget(monkeypatch):
+    cfg = TrainConfig(lr=1.0, epochs=10, ramp_epochs=2, max_time_s=100.0, time_schedule=True).validated()
+    now = [1000.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
+    deadline = 1100.0
+    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(cfg.lr_min_factor)
+    now[0] = 1000.0 + 100.0 * 1 / 12     # one epoch-equivalent into the 12 of the schedule
+    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(0.5)
+    now[0] = 1100.0                      # budget spent: the cosine has reached its floor
+    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(cfg.lr_min_factor)
+    with pytest.raises(ConfigError, match="max_time_s"):
+        TrainConfig(time_schedule=True).validated()

@@ -1,0 +1,88 @@
+"""Additive (AQ) codebooks fitted by least squares to given codes (spec §8.4).
+
+Given codes ``i`` (N, M) and targets ``t`` (N, D), find tables ``T`` (M, K, D) minimising
+``sum_n ||t_n - sum_m T_m[i_nm]||^2``. The design matrix is the one-hot ``(N, M*K)`` matrix
+``A``; instead of building it, the normal equations ``A^T A X = A^T t`` are accumulated from
+code co-occurrence counts (``A^T A``) and per-code target sums (``A^T t``), batch by batch.
+
+``A^T A`` is rank deficient by at least ``M - 1`` (a constant may move between two steps'
+tables) and more when codes are unused; a tiny ridge picks one solution. The ridge does not
+move the reconstructions ``A X`` measurably: the null directions of ``A^T A`` have no
+component in ``A^T t``, and ``ridge`` (in units of vectors) is small next to every used count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def check_codes(codes_NM, K: int | None, what: str = "codes") -> np.ndarray:
+    """``codes_NM`` as a validated 2-D integer array with values in ``[0, K)`` (unchecked if None)."""
+    if not isinstance(codes_NM, np.ndarray) or codes_NM.ndim != 2 or not np.issubdtype(codes_NM.dtype, np.integer):
+        raise InputError(f"{what} must be a 2-D integer numpy array (N, M), got "
+                         f"{getattr(codes_NM, 'shape', type(codes_NM).__name__)} {getattr(codes_NM, 'dtype', '')}")
+    if K is not None and codes_NM.size and (codes_NM.min() < 0 or codes_NM.max() >= K):
+        raise InputError(f"{what} values must lie in [0, K={K}), got [{codes_NM.min()}, {codes_NM.max()}]; "
+                         "pass the K the codes were made with")
+    return codes_NM
+
+
+def check_vectors(x_ND, n: int | None = None, what: str = "x") -> np.ndarray:
+    """``x_ND`` as a validated 2-D finite real array, with ``n`` rows when given."""
+    if not isinstance(x_ND, np.ndarray) or x_ND.ndim != 2:
+        raise InputError(f"{what} must be a 2-D numpy array (N, D), got "
+                         f"{getattr(x_ND, 'shape', type(x_ND).__name__)}")
+    if not (np.issubdtype(x_ND.dtype, np.floating) or np.issubdtype(x_ND.dtype, np.integer)):
+        raise InputError(f"{what} must hold floats or integers, got dtype {x_ND.dtype}")
+    if n is not None and len(x_ND) != n:
+        raise InputError(f"{what} has {len(x_ND)} rows but the codes have {n}; pass one row per code row")
+    if np.issubdtype(x_ND.dtype, np.floating) and not np.isfinite(x_ND).all():
+        raise InputError(f"{what} contains NaN or Inf values; clean or drop those rows first")
+    return x_ND
+
+
+def fit_additive_codebooks(codes_NM: np.ndarray, targets_ND: np.ndarray, K: int, *,
+                           ridge: float = 1e-6, batch: int = 32_768) -> np.ndarray:
+    """Least-squares additive tables ``(M, K, D)`` float32 for ``codes_NM`` -> ``targets_ND``.
+
+    ``ridge`` is added to the diagonal of the count matrix (so it is in units of vectors);
+    ``batch`` rows are accumulated at a time (memory ``batch * M^2`` pair indices).
+    Codes never used get all-zero table rows.
+    """
+    codes_NM = check_codes(codes_NM, K)
+    targets_ND = check_vectors(targets_ND, len(codes_NM), "targets")
+    if not ridge > 0:
+        raise InputError(f"ridge must be > 0 (the normal equations are singular without it), got {ridge}")
+    N, M = codes_NM.shape
+    D, MK = targets_ND.shape[1], codes_NM.shape[1] * K
+    offsets = np.arange(M, dtype=np.int64) * K
+    counts = np.zeros(MK * MK, dtype=np.int64)          # A^T A, exact integer counts
+    rhs = torch.zeros((MK, D), dtype=torch.float64)     # A^T t
+    for i in range(0, N, batch):
+        col_nM = codes_NM[i:i + batch].astype(np.int64) + offsets      # one-hot column per entry
+        counts += np.bincount((col_nM[:, :, None] * MK + col_nM[:, None, :]).ravel(), minlength=MK * MK)
+        t = torch.from_numpy(np.asarray(targets_ND[i:i + batch], dtype=np.float64))
+        for m in range(M):
+            rhs.index_add_(0, torch.from_numpy(col_nM[:, m]), t)
+    gram = torch.from_numpy(counts.reshape(MK, MK).astype(np.float64))
+    gram.diagonal().add_(ridge)
+    tables = torch.linalg.solve(gram, rhs)
+    return tables.reshape(M, K, D).numpy().astype(np.float32)
+
+
+def additive_decode(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
+    """Float32 vectors ``(N, D) = sum_m T_MKD[m, codes_NM[:, m]]``."""
+    T_MKD = np.asarray(T_MKD)
+    if T_MKD.ndim != 3:
+        raise InputError(f"tables must have shape (M, K, D), got {T_MKD.shape}")
+    M, K, D = T_MKD.shape
+    codes_NM = check_codes(codes_NM, K)
+    if codes_NM.shape[1] != M:
+        raise InputError(f"codes have {codes_NM.shape[1]} columns but there are M={M} tables")
+    out = np.zeros((len(codes_NM), D), dtype=np.float32)
+    for m in range(M):
+        out += T_MKD[m][codes_NM[:, m]]
+    return out

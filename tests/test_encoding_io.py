@@ -1,0 +1,122 @@
+"""Streaming encoding to .npz codes files, loading them back, and the encode CLI task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qinco2 import (DatasetError, InputError, QincoCodec, encode_to_npz, load_encoded,
+                    open_vectors, write_vectors)
+from qinco2.cli import main
+from qinco2.encoding_io import model_sha
+from qinco2.ivf import assign_to_centroids
+from qinco2.model import ModelConfig
+
+D = 8
+
+
+def _codec(make_model, **fields) -> QincoCodec:
+    """A codec around a random-weight float32 model (no training needed to test I/O)."""
+    model = make_model(dtype=torch.float32, **{"D": D, "M": 3, "K": 16, "L": 1, "de": 4,
+                                               "dh": 8, "A": 4, "B": 2, **fields})
+    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
+    codec.model_, codec.model_config = model, model.cfg
+    return codec
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).normal(0, 1, (2000, D)).astype(np.float32)
+
+
+@pytest.fixture
+def x_memmap(x, tmp_path):
+    write_vectors(tmp_path / "x.npy", x)
+    return open_vectors(tmp_path / "x.npy")
+
+
+def _files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_chunked_encoding_of_a_memmap_equals_encode(make_model, x, x_memmap, tmp_path):
+    codec = _codec(make_model)
+    out = tmp_path / "out" / "codes.npz"
+    r = encode_to_npz(codec, x_memmap, out, batch=300, progress=False)  # 7 chunks, last short
+    assert r["shape"] == [2000, 3] and r["model_sha"] == model_sha(codec)
+    assert _files(out.parent) == ["codes.npz"]  # the temporary .npy map is gone
+    z = load_encoded(out)
+    assert z["codes"].dtype == np.int32
+    np.testing.assert_array_equal(z["codes"], codec.encode(x))
+    assert (z["K"], z["M"], z["D"], z["ivf_K"]) == (16, 3, D, 0)
+    assert z["model_sha"] == model_sha(codec) and len(z["model_sha"]) == 16
+    with np.load(out) as raw:  # the documented keys, nothing else
+        assert sorted(raw.files) == ["D", "K", "M", "codes", "ivf_K", "model_sha"]
+
+
+def test_a_list_of_parts_is_encoded_in_order_with_beam_overrides(make_model, x, tmp_path):
+    codec = _codec(make_model)
+    out = tmp_path / "codes.npz"
+    encode_to_npz(codec, [x[:700], x[700:]], out, batch=512, progress=False, A=2, B=1)
+    np.testing.assert_array_equal(load_encoded(out)["codes"], codec.encode(x, A=2, B=1))
+
+
+def test_ivf_codes_start_with_the_nearest_centroid(make_model, x, tmp_path):
+    centroids = x[::125][:16].copy()
+    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(centroids))
+    out = tmp_path / "codes.npz"
+    encode_to_npz(codec, x, out, batch=500, progress=False)
+    z = load_encoded(out, require_ivf=True)
+    assert z["codes"].shape == (2000, 4) and z["ivf_K"] == 16
+    # the model's normalisation is the identity, so its IVF step is the raw nearest centroid
+    # (allow float32 near-ties between faiss and torch distances)
+    assert (z["codes"][:, 0] == assign_to_centroids(x, centroids)).mean() > 0.99
+
+
+def test_model_sha_follows_the_weights(make_model, tmp_path):
+    codec = _codec(make_model)
+    codec.save(tmp_path / "m.pt")
+    assert model_sha(QincoCodec.load(tmp_path / "m.pt", B=1)) == model_sha(codec)
+    assert model_sha(_codec(make_model, seed=1)) != model_sha(codec)
+
+
+def test_load_errors(make_model, x, tmp_path):
+    with pytest.raises(DatasetError, match="task=encode model="):
+        load_encoded(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(DatasetError, match="not a qinco2 codes file"):
+        load_encoded(tmp_path / "other.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match="cannot read"):
+        load_encoded(tmp_path / "junk.npz")
+    encode_to_npz(_codec(make_model), x[:10], tmp_path / "flat.npz", progress=False)
+    with pytest.raises(InputError, match="without IVF.*ivf_centroids="):
+        load_encoded(tmp_path / "flat.npz", require_ivf=True)
+
+
+def test_encode_errors_leave_no_file(make_model, x, tmp_path):
+    codec = _codec(make_model)
+    bad = x[:1000].copy()
+    bad[700, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        encode_to_npz(codec, bad, tmp_path / "codes.npz", batch=300, progress=False)
+    assert _files(tmp_path) == []
+    with pytest.raises(InputError, match="dimension 5"):
+        encode_to_npz(codec, x[:, :5], tmp_path / "codes.npz", progress=False)
+    with pytest.raises(InputError, match=".npz"):
+        encode_to_npz(codec, x, tmp_path / "codes.bin", progress=False)
+    assert _files(tmp_path) == []
+
+
+def test_cli_encode_writes_the_model_sha(make_model, x, tmp_path, capsys):
+    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
+    codec.save(tmp_path / "m.pt")
+    write_vectors(tmp_path / "base.fvecs", x[:500])
+    out = tmp_path / "db.npz"
+    assert main(["task=encode", f"model={tmp_path / 'm.pt'}", f"db={tmp_path / 'base.fvecs'}",
+                 f"output={out}", "cpu=true", "verbose=false"]) == 0
+    assert '"model_sha"' in capsys.readouterr().out
+    z = load_encoded(out, require_ivf=True)
+    assert z["model_sha"] == model_sha(codec)
+    np.testing.assert_array_equal(z["codes"], codec.encode(x[:500]))
