@@ -109,6 +109,9 @@ class QincoCodec:
         x_train = self._check_vectors(x_train, "x_train")
         if x_val is None:
             n_val = min(10_000, len(x_train) // 10)
+            if n_val == 0:
+                raise InputError(f"{len(x_train)} training vectors are too few to hold out a validation "
+                                 "set; pass x_val or more training vectors")
             x_train, x_val = x_train[:-n_val], x_train[-n_val:]
         self._check_vectors(x_val, "x_val", x_train.shape[1])
         if len(x_train) < self.model_config.K:
