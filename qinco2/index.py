@@ -1,0 +1,248 @@
+"""The faiss IVF index that gives the first, fast shortlist of the large-scale search
+(spec sections 8.4-8.5).
+
+The index is faiss' ``IVF{C}_HNSW{hnsw_M},RQ{M}x8_Nqint8``: an HNSW coarse quantizer over the
+raw IVF centroids (HNSW id == list id == QINCo2 IVF code), by-residual additive codes of ``M``
+bytes, and one byte per vector for the squared norm of its reconstructed residual. Nothing is
+re-encoded by faiss: the residual codebooks are least-squares additive tables fitted to the
+QINCo2 codes (:func:`qinco2.aq.fit_additive_codebooks`), and the database is added with the
+QINCo2 codes themselves.
+
+Stored code of one vector (faiss ``AdditiveQuantizer`` with 8-bit codes and ``ST_norm_qint8``,
+checked against faiss' own encoder in the tests): the ``M`` code bytes, then the byte
+``clip(floor((n - norm_min) / (norm_max - norm_min) * 256), 0, 255)`` (float32 arithmetic) of
+the squared norm ``n = ||sum_m T_m[i_m]||^2`` of the residual reconstruction. ``[norm_min,
+norm_max]`` is the range of those norms over the training vectors (spec quirk Q5, fixed).
+
+The ``.faissindex`` file is a plain faiss index; a sidecar ``<file>.json`` remembers the model
+that made the codes, so that :func:`load_index` can refuse an index built for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
+from .errors import DatasetError, InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT_TAG = "qinco2-index"
+FORMAT_VERSION = 1
+NBITS = 8                     # bits per step code: the factory string uses RQ{M}x8
+BUILD_HINT = ("rebuild it with `qinco2 task=build_index ivf_centroids=<centroids.npy> "
+              "encoded_trainset=<train codes.npz> encoded_db=<db codes.npz> output={path}` "
+              "from codes of this model and database")
+
+
+def factory_string(C: int, M: int, hnsw_M: int = 32) -> str:
+    """The faiss factory string of the index: IVF with an HNSW quantizer, RQ codes, 8-bit norms."""
+    return f"IVF{C}_HNSW{hnsw_M},RQ{M}x{NBITS}_Nqint8"
+
+
+def sidecar_path(path) -> Path:
+    """The metadata file stored beside an index file."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+# ---------------------------------------------------------------------------- codes
+def encode_norms(norms_N: np.ndarray, norm_min: float, norm_max: float) -> np.ndarray:
+    """8-bit uniform codes (uint8) of squared norms, as faiss ``encode_norm`` (qint8) computes them."""
+    lo, hi = np.float32(norm_min), np.float32(norm_max)
+    x1 = (np.asarray(norms_N, dtype=np.float32) - lo) / (hi - lo) * np.float32(256)
+    return np.clip(np.floor(x1), 0, 255).astype(np.uint8)
+
+
+def pack_codes(codes_NM: np.ndarray, norm_codes_N: np.ndarray) -> np.ndarray:
+    """Stored codes ``(N, M+1)`` uint8: the M step codes (each < 256), then the norm byte."""
+    codes_NM = check_codes(codes_NM, 1 << NBITS)
+    return np.concatenate([codes_NM.astype(np.uint8), np.asarray(norm_codes_N, np.uint8)[:, None]], axis=1)
+
+
+def list_prefix(list_nos_N: np.ndarray, coarse_size: int) -> np.ndarray:
+    """The coarse code of faiss ``IndexIVF.encode_listno``: list number, little-endian bytes."""
+    return np.ascontiguousarray(np.asarray(list_nos_N, dtype="<u8")[:, None]).view(np.uint8)[:, :coarse_size]
+
+
+def reconstruction_norms(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
+    """Squared norms ``||sum_m T_m[i_m]||^2`` (float32) of the additive reconstructions."""
+    r_ND = additive_decode(codes_NM, T_MKD)
+    return np.einsum("nd,nd->n", r_ND, r_ND)
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_ivf_codes(codes, C: int, M: int | None, what: str, scan: bool = True) -> np.ndarray:
+    """Shape checks; with ``scan``, also the value ranges (a pass over all the codes)."""
+    if not isinstance(codes, np.ndarray) or codes.ndim != 2 or codes.dtype.kind not in "iu":
+        raise InputError(f"{what} must be a 2-D integer numpy array (N, 1+M), got "
+                         f"{getattr(codes, 'shape', type(codes).__name__)} {getattr(codes, 'dtype', '')}")
+    if codes.shape[1] < 2 or (M is not None and codes.shape[1] != 1 + M):
+        raise InputError(f"{what} must have 1+M columns (IVF id, then M step codes), got "
+                         f"{codes.shape[1]}" + (f" (expected {1 + M})" if M is not None else ""))
+    if not scan:
+        return codes
+    if len(codes) and not 0 <= codes[:, 0].min() <= codes[:, 0].max() < C:
+        raise InputError(f"{what}: IVF ids (column 0) must lie in [0, C={C}), got [{codes[:, 0].min()}, "
+                         f"{codes[:, 0].max()}]; were these codes made with these centroids?")
+    if len(codes) and not 0 <= codes[:, 1:].min() <= codes[:, 1:].max() < 1 << NBITS:
+        raise InputError(f"{what}: step codes must lie in [0, 256) for the RQ{{M}}x8 index, got "
+                         f"[{codes[:, 1:].min()}, {codes[:, 1:].max()}]; the index needs a K=256 model")
+    return codes
+
+
+# ---------------------------------------------------------------------------- build stages
+def fit_aq_tables(ivf_centroids_CD, train_codes, x_train_raw, *, K: int = 256,
+                  n_samples: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares AQ tables ``(M, K, D)`` on the raw residuals ``x - c_ivf[i0]`` of the first
+    ``n_samples`` training vectors, and the squared norms of their AQ reconstructions."""
+    n = min(len(train_codes), n_samples)
+    codes = np.asarray(train_codes[:n])
+    x_ND = np.asarray(x_train_raw[:n], dtype=np.float32)
+    r_ND = x_ND - ivf_centroids_CD[codes[:, 0]]
+    T_MKD = fit_additive_codebooks(codes[:, 1:], r_ND, K)
+    norms_N = reconstruction_norms(codes[:, 1:], T_MKD)
+    log.info("AQ tables on %d training vectors: residual MSE %.6g -> %.6g", n,
+             float((r_ND ** 2).sum(1).mean()),
+             float(((r_ND - additive_decode(codes[:, 1:], T_MKD)) ** 2).sum(1).mean()))
+    return T_MKD, norms_N
+
+
+def make_empty_index(ivf_centroids_CD: np.ndarray, T_MKD: np.ndarray, norm_min: float, norm_max: float,
+                     *, hnsw_M: int = 32, ef_construction: int = 20) -> faiss.Index:
+    """A trained, empty ``IndexIVFResidualQuantizer`` holding the centroids, tables and norm range."""
+    C, D = ivf_centroids_CD.shape
+    M, K, _ = T_MKD.shape
+    index = faiss.index_factory(D, factory_string(C, M, hnsw_M))
+    assert isinstance(index, faiss.IndexIVFResidualQuantizer) and index.by_residual
+    quantizer = faiss.downcast_index(index.quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSW)
+    quantizer.hnsw.efConstruction = ef_construction
+    quantizer.add(np.ascontiguousarray(ivf_centroids_CD, dtype=np.float32))   # ids 0..C-1 in order
+    rq = index.rq
+    assert rq.code_size == M + 1 and rq.search_type == faiss.AdditiveQuantizer.ST_norm_qint8
+    assert list(faiss.vector_to_array(rq.codebook_offsets)) == [m * K for m in range(M + 1)]
+    faiss.copy_array_to_vector(np.ascontiguousarray(T_MKD, dtype=np.float32).ravel(), rq.codebooks)
+    rq.compute_codebook_tables()          # tables derived from the codebooks (used by faiss' encoder)
+    rq.norm_min, rq.norm_max = float(norm_min), float(norm_max)
+    rq.is_trained = True
+    index.is_trained = True
+    return index
+
+
+def add_codes(index: faiss.Index, T_MKD: np.ndarray, db_codes, *, start_id: int = 0,
+              batch: int = 1_000_000, progress: bool = True) -> None:
+    """Append database codes ``(Nb, 1+M)`` to the inverted lists, with ids ``start_id + row``,
+    ``batch`` rows at a time (norm bytes computed from the tables, nothing re-encoded)."""
+    rq = index.rq
+    coarse = index.coarse_code_size()
+    for i in tqdm(range(0, len(db_codes), batch), desc="add", disable=not progress, leave=False):
+        codes = _check_ivf_codes(np.asarray(db_codes[i:i + batch]), index.nlist, rq.M, "db_codes")
+        norm_codes = encode_norms(reconstruction_norms(codes[:, 1:], T_MKD), rq.norm_min, rq.norm_max)
+        sa_codes = np.concatenate([list_prefix(codes[:, 0], coarse), pack_codes(codes[:, 1:], norm_codes)], 1)
+        ids = np.arange(start_id + i, start_id + i + len(codes), dtype=np.int64)
+        index.add_sa_codes(np.ascontiguousarray(sa_codes), ids)
+
+
+def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int = 256,
+                aq_training_samples: int = 1_000_000, hnsw_M: int = 32, ef_construction: int = 20,
+                progress: bool = True) -> faiss.Index:
+    """The IVF-AQ faiss index of a database encoded by an IVF QINCo2 model.
+
+    ``ivf_centroids_CD``: raw-space IVF centroids ``(C, D)``; ``train_codes`` ``(N, 1+M)`` and
+    ``x_train_raw`` ``(N, D)``: encoded training vectors and the vectors themselves (the AQ
+    tables are fitted on the first ``aq_training_samples``); ``db_codes`` ``(Nb, 1+M)``: the
+    encoded database, whose row numbers become the ids. Arrays may be memory-mapped.
+    """
+    centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    C, D = centroids.shape
+    if K != 1 << NBITS:
+        raise InputError(f"the RQ{{M}}x8 index stores 8-bit codes: K must be 256, got K={K}")
+    train_codes = _check_ivf_codes(train_codes, C, None, "train_codes", scan=False)
+    if aq_training_samples < 1 or len(train_codes) == 0:
+        raise InputError(f"need at least one training vector and aq_training_samples >= 1, got "
+                         f"{len(train_codes)} and {aq_training_samples}")
+    _check_ivf_codes(np.asarray(train_codes[:aq_training_samples]), C, None, "train_codes")
+    M = train_codes.shape[1] - 1
+    db_codes = _check_ivf_codes(db_codes, C, M, "db_codes", scan=False)    # ranges: block by block
+    shape = getattr(x_train_raw, "shape", type(x_train_raw).__name__)
+    if shape != (len(train_codes), D):
+        raise InputError(f"x_train_raw must have shape (N, D) = ({len(train_codes)}, {D}) to match the "
+                         f"training codes and centroids, got {shape}")
+    T_MKD, norms_N = fit_aq_tables(centroids, train_codes, x_train_raw, K=K, n_samples=aq_training_samples)
+    lo, hi = float(norms_N.min()), float(norms_N.max())
+    hi = hi if hi > lo else lo + max(abs(lo), 1.0)        # one distinct norm: any non-empty range
+    index = make_empty_index(centroids, T_MKD, lo, hi, hnsw_M=hnsw_M,
+                             ef_construction=ef_construction)
+    add_codes(index, T_MKD, db_codes, progress=progress)
+    log.info("built %s with %d vectors", factory_string(C, M, hnsw_M), index.ntotal)
+    return index
+
+
+# ---------------------------------------------------------------------------- files
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_index(index: faiss.Index, path, *, model_sha: str | None = None) -> None:
+    """Write ``index`` to ``path`` (faiss format) and its sidecar ``<path>.json``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "model_sha": model_sha,
+            "n_db": int(index.ntotal), "nlist": int(index.nlist), "d": int(index.d),
+            "code_size": int(index.code_size)}
+
+    def write_meta(tmp):
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+
+    _atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
+    _atomic_write(sidecar_path(path), write_meta)
+
+
+def load_index(path, model_sha: str | None = None, n_db: int | None = None) -> faiss.Index:
+    """Read an index written by :func:`save_index`. ``model_sha``: the digest of the model
+    whose codes the search will decode (:func:`qinco2.encoding_io.model_sha`); ``n_db``: the
+    number of database codes; a mismatch with the index raises :class:`InputError`."""
+    path = Path(path)
+    hint = BUILD_HINT.format(path=path)
+    if not path.is_file():
+        raise DatasetError(f"index file {path} does not exist; {hint}")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise DatasetError(f"cannot read faiss index {path} ({reason}); {hint}") from None
+    if not isinstance(index, faiss.IndexIVFAdditiveQuantizer):
+        raise DatasetError(f"{path} is a {type(index).__name__}, not an IVF additive-quantizer index; {hint}")
+    meta = {}
+    side = sidecar_path(path)
+    if side.is_file():
+        meta = json.loads(side.read_text())
+        if (meta.get("format") != FORMAT_TAG
+                or (meta.get("n_db"), meta.get("nlist")) != (index.ntotal, index.nlist)):
+            raise InputError(f"{side} does not describe {path} (it was written for another index); {hint}")
+    if n_db is not None and n_db != index.ntotal:
+        raise InputError(f"{path} holds {index.ntotal} database vectors but the database has {n_db}; {hint}")
+    if model_sha is not None:
+        if not meta.get("model_sha"):
+            log.warning("%s records no model digest: cannot check that it matches the model", path)
+        elif meta["model_sha"] != model_sha:
+            raise InputError(f"{path} was built from codes of model {meta['model_sha']}, but the model "
+                             f"given is {model_sha}; {hint}")
+    return index

@@ -1,0 +1,358 @@
+"""The large-scale search pipeline (spec sections 8.7-8.8): a faiss IVF-AQ shortlist, an
+optional pairwise-decoder re-rank, then QINCo2 decoding and an exact re-rank; a pruned sweep
+over the query-time parameters, its JSON log, Pareto fronts and plots.
+
+Build-time choices live in the index (:mod:`qinco2.index`); everything here is a query-time
+:class:`SearchParams`, so a sweep never rebuilds anything. The database codes ``(Nb, 1+M)``
+are kept in memory and looked up by id (the ids in the index are database rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, InputError
+from .metrics import recall_at
+
+log = logging.getLogger(__name__)
+
+MAX_N1 = 8000                     # largest first shortlist (spec 8.7)
+RECALL_KS = (1, 10, 100)
+TIMERS = ("t_search", "t_mid_rerank", "t_decode", "t_rerank")
+
+# Settings (nprobe, quantizer_efSearch, nshort, nmid_short) expected near the Pareto front of
+# a 1M-list index; the sweep runs the grid points closest to them (in log2 space) first, so
+# that the pruning has good points to compare against early.
+KNOWN_GOOD = [
+    (1, 4, 1, 0), (1, 8, 2, 0), (2, 8, 4, 0), (4, 16, 10, 0), (4, 16, 10, 4),
+    (8, 16, 20, 0), (8, 32, 20, 4), (16, 32, 50, 0), (16, 64, 50, 4), (32, 64, 100, 4),
+    (32, 128, 100, 8), (64, 128, 200, 4), (64, 256, 200, 8), (128, 256, 500, 8),
+    (256, 512, 1000, 8), (512, 1024, 1000, 12), (1024, 2048, 2000, 16), (2048, 4096, 2000, 16),
+]
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Query-time parameters of :func:`multistage_search`.
+
+    ``nprobe``: IVF lists scanned per query; ``quantizer_efSearch``: HNSW breadth when finding
+    them; ``nshort``: candidates decoded with QINCo2 and re-ranked exactly; ``nmid_short``: the
+    IVF-AQ stage returns ``nmid_short * nshort`` candidates that the pairwise decoder cuts to
+    ``nshort`` (0 or 1: no pairwise stage).
+    """
+
+    nprobe: int = 16
+    quantizer_efSearch: int = 64
+    nshort: int = 100
+    nmid_short: int = 0
+
+    def validated(self) -> "SearchParams":
+        for f in dataclasses.fields(self):
+            value, low = getattr(self, f.name), 0 if f.name == "nmid_short" else 1
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"search parameter {f.name} must be an integer >= {low}, got {value!r}")
+        return self
+
+    @property
+    def n1(self) -> int:
+        """Length of the first (IVF-AQ) shortlist."""
+        return min(max(self.nmid_short * self.nshort, self.nshort), MAX_N1)
+
+    def as_dict(self) -> dict:
+        return {f.name: int(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# ---------------------------------------------------------------------------- pipeline stages
+def _chunks(Q: int, S: int, batch_rows: int):
+    """Query ranges whose ``(queries, S)`` candidate blocks hold about ``batch_rows`` rows."""
+    step = max(1, batch_rows // max(S, 1))
+    return [(i, min(i + step, Q)) for i in range(0, Q, step)]
+
+
+def _exact_top(q_QD: np.ndarray, ids_QS: np.ndarray, decode, db_codes, n: int, batch_rows: int):
+    """Decode the candidates ``ids_QS`` (-1: none) with ``decode`` (codes -> raw vectors) and
+    keep the ``n`` nearest to each query by exact L2; returns the ids ``(Q, n)``, -1 padded."""
+    Q, S = ids_QS.shape
+    out = np.full((Q, n), -1, dtype=np.int64)
+    n_keep = min(n, S)
+    for a, b in _chunks(Q, S, batch_rows):
+        ids = ids_QS[a:b]
+        valid = ids >= 0
+        xhat = decode(np.asarray(db_codes[np.where(valid, ids, 0).ravel()]))
+        xhat = torch.from_numpy(xhat).reshape(b - a, S, -1)
+        dist = ((xhat - torch.from_numpy(q_QD[a:b])[:, None]) ** 2).sum(-1)
+        dist[~torch.from_numpy(valid)] = float("inf")
+        order = torch.topk(dist, n_keep, dim=1, largest=False, sorted=True).indices.numpy()
+        out[a:b, :n_keep] = np.take_along_axis(ids, order, 1)
+    return out
+
+
+def _check_search_inputs(index, codec, db_codes, queries) -> np.ndarray:
+    if not isinstance(queries, np.ndarray) or queries.ndim != 2 or queries.shape[1] != index.d:
+        raise InputError(f"queries must be a 2-D array (Q, D={index.d}), got "
+                         f"{getattr(queries, 'shape', type(queries).__name__)}")
+    if len(db_codes) != index.ntotal:
+        raise InputError(f"db_codes has {len(db_codes)} rows but the index holds {index.ntotal} vectors; "
+                         "pass the codes the index was built from")
+    if db_codes.ndim != 2 or db_codes.shape[1] != codec.n_codes:
+        raise InputError(f"db_codes must have the codec's {codec.n_codes} columns (IVF id, then M codes), "
+                         f"got shape {db_codes.shape}")
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, pairwise=None,
+                      k: int = 100, gt=None, batch_rows: int = 65_536) -> tuple[np.ndarray, dict]:
+    """Ids ``(Q, k)`` of the nearest database vectors (-1 where fewer candidates), and a dict
+    of the stage times in seconds (``t_search``, ``t_mid_rerank``, ``t_decode``, ``t_rerank``,
+    ``t_total``) plus, when the true neighbours ``gt`` are given, ``recalls_before_rerank``
+    (R@1/10/100 of the shortlist in the order before the QINCo2 re-rank).
+
+    ``db_codes`` ``(Nb, 1+M)``: the codes the index was built from; ``codec``: the IVF QINCo2
+    codec that made them; ``pairwise``: an optional :class:`~qinco2.pairwise.PairwiseDecoder`.
+    ``batch_rows`` candidates are decoded at a time.
+    """
+    params = params.validated()
+    q_QD = _check_search_inputs(index, codec, db_codes, queries)
+    nshort, n1 = params.nshort, params.n1
+    times = dict.fromkeys(TIMERS, 0.0)
+
+    t0 = time.perf_counter()
+    hnsw_params = faiss.SearchParametersHNSW(efSearch=params.quantizer_efSearch)
+    ivf_params = faiss.SearchParametersIVF(nprobe=params.nprobe, quantizer_params=hnsw_params)
+    _, ids = index.search(q_QD, n1, params=ivf_params)
+    times["t_search"] = time.perf_counter() - t0
+
+    if pairwise is not None and params.nmid_short > 1 and n1 > nshort:
+        t0 = time.perf_counter()
+        ids = _exact_top(q_QD, ids, pairwise.decode, db_codes, nshort, batch_rows)
+        times["t_mid_rerank"] = time.perf_counter() - t0
+    shortlist = ids[:, :nshort]
+    stats = {}
+    if gt is not None:
+        stats["recalls_before_rerank"] = {str(r): v for r, v in recall_at(shortlist, gt, RECALL_KS).items()}
+
+    if nshort == 1:                     # nothing to re-rank: the decode timers stay at zero
+        out = np.full((len(q_QD), k), -1, dtype=np.int64)
+        out[:, :1] = shortlist
+    else:
+        decode_time = [0.0]
+
+        def timed_decode(codes):
+            t = time.perf_counter()
+            xhat = codec.decode(codes)
+            decode_time[0] += time.perf_counter() - t
+            return xhat
+
+        t0 = time.perf_counter()
+        out = _exact_top(q_QD, shortlist, timed_decode, db_codes, k, batch_rows)
+        times["t_decode"] = decode_time[0]
+        times["t_rerank"] = time.perf_counter() - t0 - decode_time[0]
+    times["t_total"] = sum(times[t] for t in TIMERS)
+    return out, {**times, **stats}
+
+
+# ---------------------------------------------------------------------------- sweep
+def _grid_points(grid: dict, pairwise) -> list[tuple]:
+    names = [f.name for f in dataclasses.fields(SearchParams)]
+    unknown = set(grid) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown search parameter(s) {sorted(unknown)} in the grid; valid: {names}")
+    values = {n: list(grid.get(n, [getattr(SearchParams, n)])) for n in names}
+    if pairwise is None:
+        values["nmid_short"] = [0]          # no pairwise decoder: no middle stage
+    for n, vals in values.items():
+        if not vals:
+            raise ConfigError(f"the grid gives no value for {n}")
+        for v in vals:
+            SearchParams(**{n: v}).validated()
+    return list(itertools.product(*(sorted(set(values[n])) for n in names)))
+
+
+def log2_distance(p: tuple, q: tuple) -> float:
+    """Sum over parameters of ``|log2 max(p_i, 1) - log2 max(q_i, 1)|``."""
+    return sum(abs(math.log2(max(a, 1)) - math.log2(max(b, 1))) for a, b in zip(p, q))
+
+
+def order_points(points: list[tuple], known_good=KNOWN_GOOD) -> list[tuple]:
+    """``points`` sorted by log2 distance to the nearest known-good setting (stable)."""
+    return sorted(points, key=lambda p: min(log2_distance(p, g) for g in known_good))
+
+
+def _key_of(p: tuple) -> tuple:
+    return tuple(int(v) for v in p)
+
+
+def _params_key(run: dict) -> tuple:
+    return tuple(int(run["parameters"][f.name]) for f in dataclasses.fields(SearchParams))
+
+
+def _recall(run: dict, key: str) -> float:
+    if not key.startswith("R@"):
+        raise ConfigError(f"recall key must look like 'R@1', got {key!r}")
+    return float(run["recalls"][key[2:]])
+
+
+def _qps(run: dict) -> float:
+    if "qps" in run:
+        return float(run["qps"])
+    return run["n_queries"] / max(run["t_total"], 1e-12)
+
+
+def is_pruned(p: tuple, runs: list[dict], key: str = "R@1") -> bool:
+    """Whether setting ``p`` cannot be Pareto-optimal, every parameter being monotone (larger:
+    slower and more accurate): its recall is at most that of any run that dominates it
+    component-wise, its time at least that of any run it dominates; skip it when a measured
+    run is at least as accurate as that bound and at least as fast."""
+    recall_bound, time_bound = 1.0, 0.0
+    for run in runs:
+        q = _params_key(run)
+        if all(a <= b for a, b in zip(p, q)):
+            recall_bound = min(recall_bound, _recall(run, key))
+        if all(a >= b for a, b in zip(p, q)):
+            time_bound = max(time_bound, run["t_total"])
+    return any(_recall(r, key) >= recall_bound and r["t_total"] <= time_bound for r in runs)
+
+
+def _environment(threads) -> dict:
+    return {"faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "threads": threads or faiss.omp_get_max_threads()}
+
+
+def _write_log(path: Path, runs: list[dict], env: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"runs": runs, "environment": env}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_runs(path) -> list[dict]:
+    """The runs of a sweep log written by :func:`sweep`."""
+    try:
+        content = json.loads(Path(path).read_text())
+        runs = content["runs"]
+        for run in runs:
+            _params_key(run)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a qinco2 search log ({exc}); delete it or drop resume=true") from None
+    return runs
+
+
+def _run_one(index, codec, db_codes, q_QD, gt, p: tuple, pairwise, k: int) -> dict:
+    params = SearchParams(*p)
+    ids, stats = multistage_search(index, codec, db_codes, q_QD, params, pairwise=pairwise, k=k, gt=gt)
+    recalls = {str(r): v for r, v in recall_at(ids, gt, RECALL_KS).items()}
+    return {"parameters": params.as_dict(), "recalls": recalls, **stats,
+            "n_queries": len(q_QD), "qps": len(q_QD) / max(stats["t_total"], 1e-12)}
+
+
+def sweep(index, codec, db_codes, queries, gt, grid: dict[str, list], *, pairwise=None, log_path=None,
+          resume: bool = False, threads: int | None = None, key: str = "R@1", k: int = 100,
+          known_good=KNOWN_GOOD, progress: bool = True) -> list[dict]:
+    """Run :func:`multistage_search` over the grid of :class:`SearchParams` values (missing
+    names: the defaults; ``nmid_short`` is 0 without ``pairwise``), skipping settings that
+    cannot be Pareto-optimal for ``key`` vs time (:func:`is_pruned`), closest to ``known_good``
+    first. Returns all runs (loaded and new). ``log_path``: JSON log rewritten atomically after
+    each run; ``resume``: continue a log, skipping the settings already in it. ``threads``:
+    faiss and torch threads during the sweep (restored after)."""
+    points = order_points(_grid_points(grid, pairwise), known_good)
+    log_path = Path(log_path) if log_path is not None else None
+    runs = load_runs(log_path) if resume and log_path is not None and log_path.is_file() else []
+    done = {_params_key(r) for r in runs}
+    q_QD = _check_search_inputs(index, codec, db_codes, queries)
+    if len(gt) != len(q_QD):
+        raise InputError(f"gt has {len(gt)} rows but there are {len(q_QD)} queries; pass one true "
+                         "nearest neighbour id per query")
+    old_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+    env, warm, n_pruned = _environment(threads), False, 0
+    try:
+        for p in tqdm(points, desc="search sweep", disable=not progress, leave=False):
+            if _key_of(p) in done:
+                continue
+            if is_pruned(p, runs, key):
+                n_pruned += 1
+                continue
+            if not warm:                # warm up both decoders and the index before timing
+                _run_one(index, codec, db_codes, q_QD[:8], gt[:8], p, pairwise, k)
+                warm = True
+            run = _run_one(index, codec, db_codes, q_QD, gt, p, pairwise, k)
+            runs.append(run)
+            done.add(_key_of(p))
+            log.info("%s R@1=%.4f R@10=%.4f R@100=%.4f %.1f QPS", run["parameters"], run["recalls"]["1"],
+                     run["recalls"]["10"], run["recalls"]["100"], run["qps"])
+            if log_path is not None:
+                _write_log(log_path, runs, env)
+    finally:
+        faiss.omp_set_num_threads(old_threads[0])
+        torch.set_num_threads(old_threads[1])
+    log.info("sweep: %d runs, %d settings pruned", len(runs), n_pruned)
+    return runs
+
+
+# ---------------------------------------------------------------------------- results
+def pareto_front(runs: list[dict], key: str = "R@1") -> list[dict]:
+    """The runs not dominated in (``key`` recall, QPS), by increasing recall. A run needs
+    ``recalls`` ({"1": ..}) and ``qps`` (or ``t_total`` and ``n_queries``)."""
+    ordered = sorted(runs, key=lambda r: (-_qps(r), -_recall(r, key)))
+    front, best = [], -1.0
+    for run in ordered:                  # fastest first: keep each run that is more accurate
+        if _recall(run, key) > best:
+            front.append(run)
+            best = _recall(run, key)
+    return front
+
+
+def plot_pareto(runs_by_label: dict[str, list[dict]], path_png, *, key: str = "R@1",
+                title: str | None = None) -> None:
+    """One Pareto curve (``key`` recall vs QPS, log-scale QPS) per label, written to a PNG."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'qinco2[plot]'") from None
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, runs in runs_by_label.items():
+        front = pareto_front(runs, key)
+        ax.plot([_qps(r) for r in front], [_recall(r, key) for r in front], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second")
+    ax.set_ylabel(key)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    path = Path(path_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
