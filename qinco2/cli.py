@@ -2,8 +2,9 @@
 
 Arguments are ``key=value`` pairs (dotted keys for the data limits, ``ds.valset=10_000``);
 values are read as YAML scalars, so ``100_000``, ``8e-4``, ``true``/``false`` and ``null``
-work. Each task parses, calls the library (:mod:`qinco2.codec`, :mod:`qinco2.evaluate`) and
-prints an aligned table followed by one ``RESULT {json}`` line for scripts.
+work; the search grid keys also take lists (``nprobe=[1,4,16]``). Each task parses, calls the
+library (:mod:`qinco2.codec`, :mod:`qinco2.evaluate`, :mod:`qinco2.pipeline`) and prints an
+aligned table followed by one ``RESULT {json}`` line for scripts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -63,6 +64,11 @@ class CliArgs:
     encode_trainset: bool = False
     index: Optional[str] = None
     pairwise_decoder: Optional[str] = None
+    n_pairs_per_step: float = 2
+    nprobe: Any = None
+    quantizer_efSearch: Any = None
+    nshort: Any = None
+    nmid_short: Any = None
     ds: DataArgs = field(default_factory=DataArgs)
     lr: float = 0.0008
     batch: int = 1024
@@ -83,7 +89,7 @@ class CliArgs:
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
 TRAIN_KEYS = ("lr", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
               "max_time_s", "time_schedule", "tensorboard")
-PLANNED_TASKS = ("train_pairwise_decoder", "build_index")
+GRID_KEYS = ("nprobe", "quantizer_efSearch", "nshort", "nmid_short")  # one value or a list
 
 
 def _leaf_keys(cls=CliArgs, prefix: str = "") -> list[str]:
@@ -274,14 +280,37 @@ def task_search(args: CliArgs, given: set[str], device: str) -> dict:
     from .evaluate import evaluate_search
 
     if args.index is not None:
-        raise ConfigError("search in a large-scale index (index=...) is not available yet: it "
-                          "arrives with the IVF index; drop index= for exhaustive search")
+        return _search_index(args, given, device)
     codec = _load_codec(args, given, device)
     ds = _dataset(args)
     r = evaluate_search(codec, ds.database(_limits(args)), ds.query_vectors(), ds.ground_truth(),
                         progress=args.verbose)
     print_table([[k, v] for k, v in r.items()])
     return {"task": "search", "model": args.model, "dataset": ds.name, **r}
+
+
+def _search_index(args: CliArgs, given: set[str], device: str) -> dict:
+    from .pipeline import search_index
+
+    if args.encoded_db is None:
+        raise ConfigError("task=search with index= needs encoded_db=<codes of the database>: "
+                          "produce it with `qinco2 task=encode model=<model.pt> db=<vectors> "
+                          "output=db_codes.npz`")
+    if args.resume and args.output is None:
+        raise ConfigError("resume=true continues a search log: add output=<log.json>")
+    codec = _load_codec(args, given, device)
+    ds = _dataset(args)
+    grid = {k: v if isinstance(v, list) else [v] for k in GRID_KEYS
+            if (v := getattr(args, k)) is not None}
+    r = search_index(codec, args.index, args.encoded_db, ds.query_vectors(), ds.ground_truth(),
+                     grid=grid, pairwise_decoder=args.pairwise_decoder, output=args.output,
+                     resume=args.resume, threads=args.threads, db_rows=args.ds.db,
+                     progress=args.verbose)
+    columns = [*GRID_KEYS, "R@1", "R@10", "R@100", "qps"]
+    print_table([[p[c] for c in columns] for p in r["pareto"]], columns)
+    print(f"{r['n_runs']} settings in the log ({r['n_new_runs']} new); Pareto front above"
+          + (f"; log {r['log']}, plot {r['plot']}" if r["log"] else ""))
+    return {"task": "search", "model": args.model, "index": args.index, "dataset": ds.name, **r}
 
 
 def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
@@ -326,6 +355,40 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
             "shape": r["shape"], "model_sha": r["model_sha"]}
 
 
+def task_train_pairwise_decoder(args: CliArgs, given: set[str], device: str) -> dict:
+    from .pipeline import train_pairwise_decoder
+
+    output = _require(args, "output", "path of the decoder file to write, e.g. pairwise.pt")
+    centroids = _require(args, "ivf_centroids", "the IVF centroids the model was trained with")
+    encoded = _require(args, "encoded_trainset", "codes of the training split, from "
+                       "`qinco2 task=encode encode_trainset=true ...`")
+    ds = _dataset(args)
+    x_train, x_val = ds.train_val(_limits(args))
+    r = train_pairwise_decoder(centroids, encoded, x_train, x_val, output,
+                               n_pairs_per_step=args.n_pairs_per_step, mse_scale=ds.mse_scale,
+                               seed=args.seed, progress=args.verbose)
+    print_table([["pairwise additive", r["mse"]], ["plain additive (AQ)", r["additive_mse"]]],
+                [f"decoder ({r['n_train']} training codes)", f"MSE (mse_scale={ds.mse_scale:g})"])
+    print(f"wrote the pairwise decoder ({r['n_tables']} tables) to {output}")
+    return {"task": "train_pairwise_decoder", "dataset": ds.name, **r}
+
+
+def task_build_index(args: CliArgs, given: set[str], device: str) -> dict:
+    from .pipeline import build_index_file
+
+    output = _require(args, "output", "path of the index file to write, e.g. index.faissindex")
+    centroids = _require(args, "ivf_centroids", "the IVF centroids the model was trained with")
+    train = _require(args, "encoded_trainset", "codes of the training split, from "
+                     "`qinco2 task=encode encode_trainset=true ...`")
+    db = _require(args, "encoded_db", "codes of the database, from `qinco2 task=encode ...`")
+    ds = _dataset(args)
+    x_train, x_val = ds.train_val(_limits(args))
+    r = build_index_file(centroids, train, db, x_train, x_val, output, db_rows=args.ds.db,
+                         progress=args.verbose)
+    print(f"wrote {r['factory']} with {r['n_db']} vectors to {output}")
+    return {"task": "build_index", "dataset": ds.name, **r}
+
+
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
     from .evaluate import run_demo
 
@@ -345,6 +408,7 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
 
 TASKS = {"train": task_train, "eval": task_eval, "eval_valset": task_eval_valset,
          "search": task_search, "ivf_centroids": task_ivf_centroids, "encode": task_encode,
+         "train_pairwise_decoder": task_train_pairwise_decoder, "build_index": task_build_index,
          "demo": task_demo}
 
 
@@ -368,9 +432,6 @@ def run(argv: list[str]) -> dict:
     args, given = parse_args(argv)
     if args.task is None:
         raise ConfigError(f"no task given: add task=<one of {', '.join(TASKS)}>")
-    if args.task in PLANNED_TASKS:
-        raise ConfigError(f"task={args.task} is not available yet in this version of qinco2; "
-                          f"available tasks: {', '.join(TASKS)}")
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{_did_you_mean(args.task, TASKS)} "
                           f"(tasks: {', '.join(TASKS)})")

@@ -89,12 +89,6 @@ def test_unknown_task_lists_tasks(capsys):
         assert task in err
 
 
-@pytest.mark.parametrize("task", ["train_pairwise_decoder", "build_index"])
-def test_planned_tasks_are_not_available_yet(capsys, task):
-    rc, _, err, _ = _run(capsys, f"task={task}")
-    assert rc == 2 and "not available yet" in err
-
-
 @pytest.mark.parametrize("argv, words", [(["task=train", "M=abc"], ["M", "abc"]),
                                          (["task=train", "verbose=maybe"], ["verbose"]),
                                          (["train"], ["key=value"]),
@@ -176,12 +170,6 @@ def test_search(capsys, files, model_file):
     assert rc == 0 and "R@10" in out
     assert result["n_db"] == 500 and result["n_queries"] == 20
     assert 0 <= result["R@1"] <= result["R@10"] <= result["R@100"] <= 1
-
-
-def test_search_in_an_index_is_not_available_yet(capsys, files, model_file):
-    rc, _, err, _ = _run(capsys, "task=search", f"model={model_file}", "index=x.faissindex",
-                         *_data_args(files))
-    assert rc == 2 and "not available yet" in err
 
 
 @pytest.mark.parametrize("extra, rows", [

@@ -1,0 +1,158 @@
+"""The large-scale search stages behind the CLI tasks (spec sections 8.5-8.8), one function
+per task: :func:`train_pairwise_decoder`, :func:`build_index_file`, :func:`search_index`.
+
+Each takes arrays and file paths, checks that the files belong together (same model, same
+IVF centroids, same rows) before any long computation, and returns a result dict. Codes
+files are the ``.npz`` of :mod:`qinco2.encoding_io`; the training codes hold the training
+rows, then the validation rows (``task=encode encode_trainset=true``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .encoding_io import SIZE_KEYS, load_encoded, model_sha
+from .errors import ConfigError, DatasetError, InputError, ModelFileError
+from .formats import read_vectors
+from .index import build_index, factory_string, load_index, save_index
+from .ivf import check_centroids
+from .metrics import mse
+from .pairwise import PairwiseDecoder
+from .search import load_runs, pareto_front, plot_pareto, sweep
+
+log = logging.getLogger(__name__)
+
+ENCODE_TRAIN_HINT = ("encode the training split with `qinco2 task=encode encode_trainset=true "
+                     "model=<model.pt> trainset=<vectors> output={path}` and the same "
+                     "ds.trainset and ds.valset")
+ENCODE_DB_HINT = "encode the database with `qinco2 task=encode model={model} db=<vectors> output={path}`"
+
+# Query-time settings tried by search_index when the caller gives none (pruned by the sweep).
+DEFAULT_GRID = {"nprobe": [1, 4, 16, 64], "quantizer_efSearch": [16, 64, 256],
+                "nshort": [10, 100, 1000], "nmid_short": [0, 4, 8]}
+
+
+# ---------------------------------------------------------------------------- checks
+def load_ivf_centroids(path, codes: dict, codes_path) -> np.ndarray:
+    """The centroids in ``path``, checked against the codes file's ``D`` and ``ivf_K``."""
+    centroids = check_centroids(read_vectors(path, dtype=np.float32), codes["D"])
+    if len(centroids) != codes["ivf_K"]:
+        raise InputError(f"{path} holds {len(centroids)} IVF centroids but the codes in {codes_path} come "
+                         f"from a model with ivf_K={codes['ivf_K']}; pass the ivf_centroids the model "
+                         "was trained with")
+    return centroids
+
+
+def training_rows(x_train, x_val, codes: dict, codes_path, n: int | None = None) -> np.ndarray:
+    """The first ``n`` (default all) raw rows of the training split, in the order of the codes
+    file (training rows, then validation rows), after checking both have the same rows."""
+    n_raw, n_codes = len(x_train) + len(x_val), len(codes["codes"])
+    if n_raw != n_codes:
+        raise DatasetError(f"{codes_path} holds {n_codes} encoded rows but the training split has "
+                           f"{n_raw} ({len(x_train)} training + {len(x_val)} validation rows with these "
+                           f"ds.trainset and ds.valset); {ENCODE_TRAIN_HINT.format(path=codes_path)}")
+    if x_train.shape[1] != codes["D"]:
+        raise InputError(f"the training vectors have dimension {x_train.shape[1]} but the codes in "
+                         f"{codes_path} come from a model with D={codes['D']}")
+    n = n_raw if n is None else min(n, n_raw)
+    if n <= len(x_train):
+        return x_train[:n]
+    return np.concatenate([x_train, x_val[:n - len(x_train)]])
+
+
+def check_same_model(a: dict, a_path, b: dict, b_path) -> None:
+    """Both codes files come from one model (same digest and code sizes)."""
+    def describe(c: dict) -> str:
+        return f"model {c['model_sha']}, " + ", ".join(f"{k}={c[k]}" for k in SIZE_KEYS)
+
+    if a["model_sha"] != b["model_sha"] or any(a[k] != b[k] for k in SIZE_KEYS):
+        raise InputError(f"{a_path} ({describe(a)}) and {b_path} ({describe(b)}) were encoded by "
+                         "different models; encode the training set and the database with the same model")
+
+
+def load_pairwise_for(path, codec, index) -> PairwiseDecoder:
+    """A pairwise decoder file, checked against the codec's code sizes and the index's lists."""
+    if not Path(path).is_file():
+        raise ModelFileError(f"pairwise decoder file {path} does not exist; train one with `qinco2 "
+                             "task=train_pairwise_decoder ivf_centroids=<centroids.npy> "
+                             f"encoded_trainset=<train codes.npz> output={path}`")
+    dec = PairwiseDecoder.load(path)
+    have = (dec.M_, dec.K, len(dec.ivf_centroids_))
+    want = (codec.n_codes - 1, codec.model_config.K, index.nlist)
+    if have != want:
+        raise InputError(f"pairwise decoder {path} decodes codes with (M, K, IVF lists) = {have} but the "
+                         f"model and index have {want}; train it with `qinco2 task=train_pairwise_decoder` "
+                         "on codes of this model")
+    return dec
+
+
+# ---------------------------------------------------------------------------- tasks
+def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, output, *,
+                           n_pairs_per_step: float = 2, mse_scale: float = 1.0, seed: int = 0,
+                           progress: bool = True) -> dict:
+    """Train a :class:`~qinco2.pairwise.PairwiseDecoder` on the training codes and raw rows,
+    save it to ``output``; returns its MSE and that of plain additive decoding of the same
+    codes (both on the training rows, times ``mse_scale``)."""
+    enc = load_encoded(encoded_trainset, require_ivf=True)
+    centroids = load_ivf_centroids(ivf_centroids, enc, encoded_trainset)
+    x_ND, codes = training_rows(x_train, x_val, enc, encoded_trainset), enc["codes"]
+    dec = PairwiseDecoder(n_pairs_per_step=n_pairs_per_step, K=enc["K"], seed=seed)
+    dec.train(codes, x_ND, centroids, progress=progress)
+    dec.save(output)
+    return {"output": str(output), "n_train": len(codes), "M": enc["M"], "K": enc["K"],
+            "ivf_K": enc["ivf_K"], "n_tables": len(dec.pairs_), "model_sha": enc["model_sha"],
+            "mse_scale": mse_scale, "mse": mse(x_ND, dec.decode(codes), mse_scale),
+            "additive_mse": dec.additive_baseline_mse(codes, x_ND) * mse_scale}
+
+
+def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val, output, *,
+                     db_rows: int | None = None, aq_training_samples: int = 1_000_000,
+                     progress: bool = True) -> dict:
+    """Build the faiss IVF-AQ index (:func:`qinco2.index.build_index`) of the first ``db_rows``
+    (default all) database codes and save it with the codes' model digest."""
+    train = load_encoded(encoded_trainset, require_ivf=True)
+    db = load_encoded(encoded_db, require_ivf=True)
+    check_same_model(train, encoded_trainset, db, encoded_db)
+    centroids = load_ivf_centroids(ivf_centroids, train, encoded_trainset)
+    x_raw = training_rows(x_train, x_val, train, encoded_trainset, aq_training_samples)
+    db_codes = db["codes"][:db_rows]
+    index = build_index(centroids, train["codes"][:len(x_raw)], x_raw, db_codes, K=train["K"],
+                        aq_training_samples=aq_training_samples, progress=progress)
+    save_index(index, output, model_sha=train["model_sha"])
+    return {"output": str(output), "factory": factory_string(len(centroids), train["M"]),
+            "n_db": int(index.ntotal), "n_aq_train": len(x_raw), "model_sha": train["model_sha"]}
+
+
+def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | None = None,
+                 pairwise_decoder=None, output=None, resume: bool = False, threads: int | None = None,
+                 db_rows: int | None = None, progress: bool = True) -> dict:
+    """Sweep the multi-stage search (:func:`qinco2.search.sweep`) over ``grid`` (names of
+    :class:`~qinco2.search.SearchParams` to value lists, missing names from
+    :data:`DEFAULT_GRID`). ``output``: JSON log, with its Pareto plot beside it (``.png``)."""
+    if output is not None and Path(output).suffix.lower() == ".png":
+        raise ConfigError(f"output={output}: the search log is JSON (its plot gets the .png name)")
+    db = load_encoded(encoded_db, require_ivf=True)
+    sha = model_sha(codec)
+    if db["model_sha"] is not None and db["model_sha"] != sha:
+        raise InputError(f"the codes in {encoded_db} come from model {db['model_sha']}, but the model given "
+                         f"is {sha}; {ENCODE_DB_HINT.format(model='<model.pt>', path=encoded_db)}")
+    db_codes = db["codes"][:db_rows]
+    index = load_index(index_path, model_sha=sha, n_db=len(db_codes))
+    pairwise = load_pairwise_for(pairwise_decoder, codec, index) if pairwise_decoder else None
+    grid = {**DEFAULT_GRID, **(grid or {})}
+    grid["nprobe"] = [min(v, index.nlist) if isinstance(v, int) else v for v in grid["nprobe"]]
+    n_before = len(load_runs(output)) if resume and output and Path(output).is_file() else 0
+    runs = sweep(index, codec, db_codes, queries, gt, grid, pairwise=pairwise, log_path=output,
+                 resume=resume, threads=threads, progress=progress)
+    plot = Path(output).with_suffix(".png") if output is not None and runs else None
+    if plot is not None:
+        label = "QINCo2 + pairwise decoder" if pairwise else "QINCo2"
+        plot_pareto({label: runs}, plot, title=f"{Path(index_path).name}: {len(queries)} queries")
+    front = [{**r["parameters"], **{f"R@{k}": v for k, v in r["recalls"].items()}, "qps": r["qps"]}
+             for r in pareto_front(runs)]
+    return {"n_db": len(db_codes), "n_queries": len(queries), "n_runs": len(runs),
+            "n_new_runs": len(runs) - n_before, "pareto": front,
+            "log": None if output is None else str(output), "plot": None if plot is None else str(plot)}
