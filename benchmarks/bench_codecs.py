@@ -65,7 +65,8 @@ def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, n_train: int) -> dic
     _, t_train = timed(index.train, xt[:n_train])
     codes, t_enc = timed(index.sa_encode, xb)
     xr, t_dec = timed(index.sa_decode, codes)
-    return {"codec": f"faiss {FAISS_FACTORIES[name].format(M=M)}", "flags": flags, "n_train": min(n_train, len(xt)),
+    label = f"faiss {FAISS_FACTORIES[name].format(M=M)}" + (f" beam {flags['max_beam_size']}" if flags else "")
+    return {"codec": label, "flags": flags, "n_train": min(n_train, len(xt)),
             "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
             **quality(xb, xr, xq, gt, mse_scale)}
 
@@ -76,7 +77,7 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, args) -> dict:
     codec = QincoCodec.from_preset(preset, **overrides)
     out = os.path.join(args.model_dir, f"{name}-{args.dataset}-{M}x8.pt")
     _, t_train = timed(lambda: codec.train(xt, xv, mse_scale=mse_scale, output=out, progress=False))
-    A, B = eval_AB
+    A, B = args.eval_AB or eval_AB
     codes, t_enc = timed(lambda: codec.encode(xb, A=A, B=B))
     xr, t_dec = timed(codec.decode, codes)
     st = codec.train_state_
@@ -107,6 +108,8 @@ def main() -> None:
     p.add_argument("--faiss-train", type=int, default=500_000, help="training vectors for PQ/OPQ/RQ1")
     p.add_argument("--slow-train", type=int, default=100_000, help="training vectors for RQ32/LSQ")
     p.add_argument("--qinco-minutes", type=float, default=30.0)
+    p.add_argument("--eval-AB", type=int, nargs=2, default=None, metavar=("A", "B"),
+                   help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", default="runs/bench")
     p.add_argument("--out", default="benchmarks/results/codecs.jsonl")
