@@ -81,7 +81,7 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, args) -> dict:
     codes, t_enc = timed(lambda: codec.encode(xb, A=A, B=B))
     xr, t_dec = timed(codec.decode, codes)
     st = codec.train_state_
-    return {"codec": f"qinco2 {name}", "preset": preset, "overrides": overrides, "eval_A": A, "eval_B": B,
+    return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides, "eval_A": A, "eval_B": B,
             "n_train": len(xt), "epochs_run": st.epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
             "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
             "model_file": out, **quality(xb, xr, xq, gt, mse_scale)}

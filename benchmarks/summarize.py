@@ -12,6 +12,8 @@ def main(path: str) -> None:
     for line in open(path):
         row = json.loads(line)
         label = row["codec"]
+        if "preset" in row:                             # one of ours
+            label = f"ours: {row['preset']} (A={row['eval_A']}, B={row['eval_B']})"
         beam = (row.get("flags") or {}).get("max_beam_size")
         if beam and "beam" not in label:
             label += f" beam {beam}"
