@@ -41,19 +41,26 @@ def save_checkpoint(path, model_config: dict, state_dict: dict, training: dict |
     atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path) -> dict:
-    """Read a model file written by :func:`save_checkpoint`, checking that it is ours."""
+def load_tagged(path, tag: str, version: int, what: str, missing_hint: str) -> dict:
+    """Read a ``torch.save``-d dict carrying ``format == tag`` and ``version``; typed errors
+    (:class:`ModelFileError`) for a missing, unreadable, foreign or other-version file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist; train one with `qinco2 task=train ... output={path}`")
+        raise ModelFileError(f"{what} file {path} does not exist; {missing_hint}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ModelFileError(f"{path} is not a qinco2 model file (torch.load failed: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
-        raise ModelFileError(f"{path} is not a qinco2 model file (no '{FORMAT_TAG}' format tag); "
-                             "models from other code bases must be converted first")
-    if payload.get("version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path} has model format version {payload.get('version')}, this qinco2 "
-                             f"reads version {FORMAT_VERSION}; upgrade qinco2 or retrain the model")
+        raise ModelFileError(f"{path} is not a qinco2 {what} file (torch.load failed: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise ModelFileError(f"{path} is not a qinco2 {what} file (no '{tag}' format tag); "
+                             "files from other code bases must be converted first")
+    if payload.get("version") != version:
+        raise ModelFileError(f"{path} has {what} format version {payload.get('version')}, this qinco2 "
+                             f"reads version {version}; upgrade qinco2 or retrain")
     return payload
+
+
+def load_checkpoint(path) -> dict:
+    """Read a model file written by :func:`save_checkpoint`, checking that it is ours."""
+    return load_tagged(path, FORMAT_TAG, FORMAT_VERSION, "model",
+                       f"train one with `qinco2 task=train ... output={path}`")

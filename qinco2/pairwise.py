@@ -10,8 +10,6 @@ least-squares table per round, on raw-space residuals ``x - c_ivf[i0]``.
 from __future__ import annotations
 
 import logging
-import pickle
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, load_tagged
 from .errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from .metrics import mse
 
@@ -236,18 +234,8 @@ class PairwiseDecoder:
     @classmethod
     def load(cls, path) -> "PairwiseDecoder":
         """Read a file written by :meth:`save` (``weights_only`` loading, format checked)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"pairwise decoder file {path} does not exist; train one and save() it")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-            raise ModelFileError(f"{path} is not a qinco2 pairwise decoder file (torch.load failed: {exc})") from exc
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
-            raise ModelFileError(f"{path} is not a qinco2 pairwise decoder file (no '{FORMAT_TAG}' format tag)")
-        if payload.get("version") != FORMAT_VERSION:
-            raise ModelFileError(f"{path} has pairwise decoder format version {payload.get('version')}, this "
-                                 f"qinco2 reads version {FORMAT_VERSION}; upgrade qinco2 or retrain the decoder")
+        payload = load_tagged(path, FORMAT_TAG, FORMAT_VERSION, "pairwise decoder",
+                              "train one with `qinco2 task=train_pairwise_decoder ... output=PATH`")
         state = payload.get("state")
         if not isinstance(state, dict) or set(state) != set(_STATE) or not isinstance(payload.get("params"), dict):
             raise ModelFileError(f"{path} is a damaged pairwise decoder file (state keys {sorted(state or {})})")
