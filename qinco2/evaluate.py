@@ -35,15 +35,6 @@ def _batches(x: np.ndarray, batch: int, progress: bool, desc: str):
         yield i, np.asarray(x[i:i + batch], dtype=np.float32)
 
 
-def encode_all(codec: QincoCodec, x: np.ndarray, *, batch: int = 16_384,
-               progress: bool = False) -> np.ndarray:
-    """Codes ``(N, n_codes)`` int32 of ``x``, encoded ``batch`` rows at a time."""
-    codes_NM = np.empty((len(x), codec.n_codes), dtype=np.int32)
-    for i, x_ND in _batches(x, batch, progress, "encode"):
-        codes_NM[i:i + len(x_ND)] = codec.encode(x_ND)
-    return codes_NM
-
-
 def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes: bool):
     """Encode ``x`` in batches: codes ``(N, n_codes)`` and the summed squared errors of the
     decoded prefixes of length 1..n_codes (or of the full code only)."""

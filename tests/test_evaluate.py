@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qinco2 import InputError, QincoCodec
-from qinco2.evaluate import (compare_with_rq, encode_all, evaluate_mse, evaluate_prefixes,
+from qinco2.evaluate import (compare_with_rq, evaluate_mse, evaluate_prefixes,
                              evaluate_search, run_demo)
 from qinco2.metrics import knn, mse
 
@@ -64,12 +64,6 @@ def test_prefixes_end_at_the_full_code_mse(codec, data):
     assert full["prefix_mse"] == pytest.approx(prefixes, rel=1e-6)
     assert prefixes[-1] == pytest.approx(full["mse"], rel=1e-6)
     assert prefixes[0] > prefixes[-1]  # one code of 16 cannot match three
-
-
-def test_encode_all_matches_codec_encode(codec, data):
-    codes = encode_all(codec, data["db"], batch=70)
-    assert codes.dtype == np.int32 and codes.shape == (len(data["db"]), codec.n_codes)
-    np.testing.assert_array_equal(codes, codec.encode(data["db"]))
 
 
 def test_evaluate_search_recall(codec, data):
