@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import faiss
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,13 @@ def trained_codec(codec_data):
     """One qinco2-S-shaped codec trained for 3 short epochs (read-only: do not mutate)."""
     x_train, x_val = codec_data
     return QincoCodec.from_preset("qinco2-S", **TINY_CODEC).train(x_train, x_val, progress=False)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str, dict | None]:
+    """Run the CLI in-process: exit code, stdout, stderr and the parsed RESULT line."""
+    from qinco2.cli import main
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
+               if line.startswith("RESULT ")]
+    return rc, out, err, results[-1] if results else None

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 
 from qinco2 import QincoCodec, write_vectors
 from qinco2.cli import main, parse_args
@@ -15,15 +16,6 @@ from qinco2.cli import main, parse_args
 TINY_MODEL = ["model_args=qinco2-S", "M=2", "K=16", "L=1", "de=8", "dh=16", "A=4", "B=4",
               "ds.loop=2_000", "ds.valset=300", "epochs=2", "batch=256", "lr=3e-3",
               "cpu=true", "verbose=false"]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str, dict | None]:
-    """Run the CLI in-process: exit code, stdout, stderr and the parsed RESULT line."""
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    return rc, out, err, results[-1] if results else None
 
 
 @pytest.fixture(scope="module")

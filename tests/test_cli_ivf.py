@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 
 from qinco2 import write_vectors
 from qinco2.cli import main, parse_args, run
@@ -20,15 +21,6 @@ COMMON = ["ds.valset=300", "cpu=true", "verbose=false"]
 TINY_IVF = ["model_args=qinco2-S", "M=2", "K=256", "L=1", "de=8", "dh=16", "A=4", "B=4",
             "ds.loop=2_000", "max_epochs=1", "batch=256", "lr=3e-3", *COMMON]
 GRID = ["nprobe=[1,8]", "quantizer_efSearch=16", "nshort=[10,50]", "nmid_short=[0,4]"]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str, dict | None]:
-    """Run the CLI in-process: exit code, stdout, stderr and the parsed RESULT line."""
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    return rc, out, err, results[-1] if results else None
 
 
 @pytest.fixture(scope="module")
