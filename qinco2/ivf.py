@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .kmeans import kmeans
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +116,15 @@ def _faiss_kmeans(x_ND: np.ndarray, K: int, *, niter: int, seed: int, progress: 
 
 def _torch_kmeans(x_ND: np.ndarray, K: int, *, niter: int, seed: int, device, progress: bool,
                   max_bytes: int = _KMEANS_MAX_BYTES) -> np.ndarray:
-    """Lloyd k-means in torch on ``device``. Distances are computed for blocks of rows whose
-    ``(rows, K)`` float32 block stays under ``max_bytes``; the data move to the device when
-    they fit that budget, else block by block. Empty clusters restart from random points."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    """:func:`qinco2.kmeans.kmeans` on ``device``; the data move there when they fit
+    ``max_bytes``, else block by block."""
     x = torch.from_numpy(np.ascontiguousarray(x_ND, dtype=np.float32))
     if x.nbytes <= max_bytes:
         x = x.to(device)
-    n, D = x.shape
-    rows = max(1, max_bytes // (4 * K))
-    centroids_KD = x[torch.randperm(n, generator=gen)[:K].to(x.device)].to(device)
-    bar = tqdm(range(niter), desc="k-means", disable=not progress, leave=False)
-    for _ in bar:
-        sums_KD = torch.zeros(K, D, device=device)
-        counts_K = torch.zeros(K, dtype=torch.long, device=device)
-        sq_err = torch.zeros((), dtype=torch.float64, device=device)
-        c_sq_K = (centroids_KD ** 2).sum(1)
-        for i in range(0, n, rows):
-            x_RD = x[i:i + rows].to(device, non_blocking=True)
-            d_RK = torch.addmm(c_sq_K, x_RD, centroids_KD.T, alpha=-2)  # |c|^2 - 2<x, c>
-            d_R, ids_R = d_RK.min(1)
-            sq_err += (d_R + (x_RD ** 2).sum(1)).clamp_min(0).sum(dtype=torch.float64)
-            sums_KD.index_add_(0, ids_R, x_RD)
-            counts_K += torch.bincount(ids_R, minlength=K)
-        centroids_KD = sums_KD / counts_K.clamp_min(1)[:, None]
-        empty_K = counts_K == 0
-        n_empty = int(empty_K.sum())
-        if n_empty:
-            restart = torch.randint(n, (n_empty,), generator=gen).to(x.device)
-            centroids_KD[empty_K] = x[restart].to(device)
-        bar.set_postfix(mse=f"{float(sq_err) / n:.4g}", empty=n_empty)
-    return centroids_KD.cpu().numpy()
+    gen = torch.Generator().manual_seed(seed)
+    centroids_1KD = kmeans(x[None], K, niter=niter, generator=gen, device=device,
+                           max_bytes=max_bytes, progress=progress)
+    return centroids_1KD[0].cpu().numpy()
 
 
 def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, *, batch: int = 65_536,

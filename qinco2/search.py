@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, InputError
 from .metrics import recall_at
+from .rerank import exact_rerank
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +79,11 @@ class SearchParams:
 
 
 # ---------------------------------------------------------------------------- pipeline stages
-def _chunks(Q: int, S: int, batch_rows: int):
-    """Query ranges whose ``(queries, S)`` candidate blocks hold about ``batch_rows`` rows."""
-    step = max(1, batch_rows // max(S, 1))
-    return [(i, min(i + step, Q)) for i in range(0, Q, step)]
-
-
 def _exact_top(q_QD: np.ndarray, ids_QS: np.ndarray, decode, db_codes, n: int, batch_rows: int):
-    """Decode the candidates ``ids_QS`` (-1: none) with ``decode`` (codes -> raw vectors) and
-    keep the ``n`` nearest to each query by exact L2; returns the ids ``(Q, n)``, -1 padded."""
-    Q, S = ids_QS.shape
-    out = np.full((Q, n), -1, dtype=np.int64)
-    n_keep = min(n, S)
-    for a, b in _chunks(Q, S, batch_rows):
-        ids = ids_QS[a:b]
-        valid = ids >= 0
-        xhat = decode(np.asarray(db_codes[np.where(valid, ids, 0).ravel()]))
-        xhat = torch.from_numpy(xhat).reshape(b - a, S, -1)
-        dist = ((xhat - torch.from_numpy(q_QD[a:b])[:, None]) ** 2).sum(-1)
-        dist[~torch.from_numpy(valid)] = float("inf")
-        order = torch.topk(dist, n_keep, dim=1, largest=False, sorted=True).indices.numpy()
-        out[a:b, :n_keep] = np.take_along_axis(ids, order, 1)
-    return out
+    """The ids ``(Q, n)`` of the ``n`` candidates nearest to each query by exact L2 to their
+    ``decode``-d codes (-1 padded)."""
+    return exact_rerank(q_QD, ids_QS, lambda ids: decode(np.asarray(db_codes[ids])), n,
+                        batch_rows=batch_rows)[1]
 
 
 def _check_search_inputs(index, codec, db_codes, queries) -> np.ndarray:

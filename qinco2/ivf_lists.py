@@ -1,0 +1,153 @@
+"""Inverted lists: packed codes and int64 ids of each IVF list, in one buffer on a device.
+
+List ``l`` occupies rows ``start[l] .. start[l] + capacity[l]`` of the buffers, of which the
+first ``size[l]`` are used. With ``conservative=True`` every list holds exactly its vectors
+(each :meth:`InvertedLists.add` rewrites the buffers); otherwise a list that overflows moves
+to the end of the buffer with a power-of-two capacity, the buffer grows by doubling and is
+compacted when more than half of it is holes, so repeated small adds cost amortised O(1) per
+vector. Codes of ``bits`` bits are packed little-endian (code ``s`` at bit ``s * bits``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_CAPACITY = 32
+
+
+# ---------------------------------------------------------------------------- bit packing
+def _bit_layout(n_codes: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(n_codes, device=device) * bits
+    return pos // 8, pos % 8
+
+
+def pack_codes(codes_NS: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(N, S)`` integer codes in ``[0, 2^bits)`` -> ``(N, S * bits / 8)`` uint8."""
+    N, S = codes_NS.shape
+    if bits == 8:
+        return codes_NS.to(torch.uint8)
+    byte_S, shift_S = _bit_layout(S, bits, codes_NS.device)
+    words_NS = codes_NS.long() << shift_S                       # spans at most two bytes
+    out = torch.zeros(N, S * bits // 8 + 1, dtype=torch.int64, device=codes_NS.device)
+    out.scatter_add_(1, byte_S.expand(N, -1), words_NS & 0xFF)
+    out.scatter_add_(1, (byte_S + 1).expand(N, -1), words_NS >> 8)
+    return out[:, :S * bits // 8].to(torch.uint8)             # bit fields never overlap: add == or
+
+
+def unpack_codes(packed_NB: torch.Tensor, n_codes: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``(N, n_codes)`` int64 codes."""
+    if bits == 8:
+        return packed_NB.long()
+    byte_S, shift_S = _bit_layout(n_codes, bits, packed_NB.device)
+    padded = torch.nn.functional.pad(packed_NB, (0, 1)).long()
+    words_NS = padded[:, byte_S] | (padded[:, byte_S + 1] << 8)
+    return (words_NS >> shift_S) & ((1 << bits) - 1)
+
+
+# ---------------------------------------------------------------------------- lists
+def _used_rows(start_L: torch.Tensor, size_L: torch.Tensor) -> torch.Tensor:
+    """Row numbers of every used row, list after list."""
+    first_L = torch.cumsum(size_L, 0) - size_L
+    return (torch.repeat_interleave(start_L - first_L, size_L)
+            + torch.arange(int(size_L.sum()), dtype=torch.int64))
+
+
+def _capacity(n: torch.Tensor) -> torch.Tensor:
+    """Power-of-two capacities >= ``n`` (at least ``MIN_CAPACITY``)."""
+    n = n.clamp_min(MIN_CAPACITY).double()
+    return (2 ** torch.ceil(torch.log2(n))).long()
+
+
+class InvertedLists:
+    """Packed codes ``(rows, code_bytes)`` uint8 and ids ``(rows,)`` int64 of ``n_lists`` lists."""
+
+    def __init__(self, n_lists: int, code_bytes: int, device, conservative: bool = False):
+        self.n_lists, self.code_bytes, self.conservative = n_lists, code_bytes, conservative
+        self.device = torch.device(device)
+        self.codes = torch.empty(0, code_bytes, dtype=torch.uint8, device=self.device)
+        self.ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.start = torch.zeros(n_lists, dtype=torch.int64)       # bookkeeping on the host
+        self.size = torch.zeros(n_lists, dtype=torch.int64)
+        self.capacity = torch.zeros(n_lists, dtype=torch.int64)
+        self.end = 0                                                # first row never allocated
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.size.sum())
+
+    def nbytes(self) -> int:
+        """Bytes held: the code and id buffers plus the list bookkeeping."""
+        return (self.codes.nbytes + self.ids.nbytes + self.start.nbytes + self.size.nbytes
+                + self.capacity.nbytes)
+
+    def list_rows(self, l: int) -> slice:
+        return slice(int(self.start[l]), int(self.start[l] + self.size[l]))
+
+    def add(self, list_nos_N: torch.Tensor, packed_NB: torch.Tensor, ids_N: torch.Tensor) -> None:
+        """Append vectors (their list numbers, packed codes and ids) to their lists."""
+        list_nos_N = list_nos_N.to(self.device, torch.int64)
+        order = torch.argsort(list_nos_N, stable=True)
+        counts = torch.bincount(list_nos_N, minlength=self.n_lists).cpu()
+        need = self.size + counts
+        if self.conservative:
+            self._relayout(need)
+        else:
+            grow = need > self.capacity
+            if grow.any():
+                self._relocate(grow.nonzero()[:, 0], _capacity(need[grow]))
+        sorted_lists = list_nos_N[order]
+        first = torch.cumsum(counts, 0) - counts                         # first sorted row per list
+        base = (self.start + self.size - first).to(self.device)
+        rows = base[sorted_lists] + torch.arange(len(order), device=self.device)
+        self.codes[rows] = packed_NB.to(self.device)[order]
+        self.ids[rows] = ids_N.to(self.device, torch.int64)[order]
+        self.size = need
+
+    def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
+        """Move ``lists`` to new regions of ``capacity`` rows at the end of the buffers."""
+        total = int(capacity.sum())
+        new_capacity = self.capacity.clone()
+        new_capacity[lists] = capacity
+        if self.end + total > 2 * int(new_capacity.sum()):            # over half holes: compact
+            self._relayout(new_capacity)
+            return
+        self._reserve(self.end + total)
+        new_start = self.end + torch.cumsum(capacity, 0) - capacity
+        for l, s in zip(lists.tolist(), new_start.tolist()):
+            a, n = int(self.start[l]), int(self.size[l])
+            self.codes[s:s + n] = self.codes[a:a + n]
+            self.ids[s:s + n] = self.ids[a:a + n]
+        self.start[lists] = new_start
+        self.capacity[lists] = capacity
+        self.end += total
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= len(self.ids):
+            return
+        rows = rows if self.conservative else max(rows, 2 * len(self.ids))
+        codes = torch.empty(rows, self.code_bytes, dtype=torch.uint8, device=self.device)
+        ids = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
+        codes[:self.end], ids[:self.end] = self.codes[:self.end], self.ids[:self.end]
+        self.codes, self.ids = codes, ids
+
+    def _relayout(self, capacity: torch.Tensor) -> None:
+        """Rewrite the buffers with lists back to back, of the given capacities."""
+        total = int(capacity.sum())
+        start = torch.cumsum(capacity, 0) - capacity
+        src = _used_rows(self.start, self.size).to(self.device)
+        dst = _used_rows(start, self.size).to(self.device)
+        codes = torch.empty(total, self.code_bytes, dtype=torch.uint8, device=self.device)
+        ids = torch.full((total,), -1, dtype=torch.int64, device=self.device)
+        codes[dst], ids[dst] = self.codes[src], self.ids[src]
+        self.codes, self.ids = codes, ids
+        self.start, self.capacity, self.end = start, capacity.clone(), total
+
+    def state_dict(self) -> dict:
+        """The used rows only, list after list, with the list sizes."""
+        rows = _used_rows(self.start, self.size).to(self.device)
+        return {"sizes": self.size.clone(), "codes": self.codes[rows].cpu(), "ids": self.ids[rows].cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        sizes = state["sizes"].long()
+        list_nos = torch.repeat_interleave(torch.arange(self.n_lists), sizes)
+        self.add(list_nos, state["codes"], state["ids"])

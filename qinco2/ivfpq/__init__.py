@@ -1,0 +1,21 @@
+"""IVF-PQ index with the cuVS parameter set, in torch (CPU and CUDA alike).
+
+    >>> from qinco2 import ivfpq
+    >>> index = ivfpq.build(ivfpq.IndexParams(n_lists=1024, pq_dim=32), x_ND)          # doctest: +SKIP
+    >>> distances, neighbors = ivfpq.search(ivfpq.SearchParams(n_probes=20), index, q_QD, 10)  # doctest: +SKIP
+
+Interface after ``cuvs.neighbors.ivf_pq``: :class:`IndexParams`, :class:`SearchParams`,
+:func:`build`, :func:`extend`, :func:`search`, :func:`save`, :func:`load`, :func:`refine`;
+plus :func:`search_and_refine` (raw vectors or a QINCo2 codec), :func:`refine_with_codec`
+and :func:`estimate_memory`.
+"""
+
+from ..rerank import refine, refine_with_codec
+from .build import build, extend, load, save
+from .index import Index
+from .memory import estimate_memory
+from .params import IndexParams, SearchParams, default_pq_dim
+from .search import search, search_and_refine
+
+__all__ = ["IndexParams", "SearchParams", "Index", "build", "extend", "search", "search_and_refine",
+           "save", "load", "refine", "refine_with_codec", "estimate_memory", "default_pq_dim"]

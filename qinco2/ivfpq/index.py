@@ -1,0 +1,141 @@
+"""The IVF-PQ index object: learned tables, inverted lists, encoding and decoding.
+
+A coarse k-means partition into ``n_lists`` lists; the residual of each vector to its list
+centre, rotated (a random orthogonal matrix when ``dim % pq_dim != 0`` or when forced), is
+product-quantized into ``pq_dim`` codes of ``pq_bits`` bits with one codebook per sub-space
+(``codebook_kind="subspace"``) or one per list (``"cluster"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..ivf_lists import InvertedLists, pack_codes, unpack_codes
+from ..kmeans import nearest
+from .params import IndexParams
+
+INPUT_DTYPES = (np.float32, np.float16, np.int8, np.uint8)
+CHUNK_ROWS = 65_536                    # rows converted to float32 at a time
+
+
+# ---------------------------------------------------------------------------- inputs
+def check_vectors(x, what: str, dim: int | None = None) -> np.ndarray:
+    """A 2-D numpy array of a supported dtype with finite values (checked chunk by chunk)."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise InputError(f"{what} must be a 2-D numpy array (N, dim), got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise InputError(f"{what} has dtype {x.dtype}; use float32, float16, int8 or uint8")
+    if dim is not None and x.shape[1] != dim:
+        raise InputError(f"{what} has dimension {x.shape[1]} but the index has dim={dim}")
+    if x.dtype.kind == "f":
+        for i in range(0, len(x), CHUNK_ROWS):
+            if not np.isfinite(x[i:i + CHUNK_ROWS]).all():
+                bad = i + int(np.nonzero(~np.isfinite(x[i:i + CHUNK_ROWS]).all(1))[0][0])
+                raise InputError(f"{what} holds NaN or Inf values (first in row {bad}); clean the data first")
+    return x
+
+
+def float_rows(x: np.ndarray, device, normalize: bool) -> torch.Tensor:
+    x_ND = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    return torch.nn.functional.normalize(x_ND, dim=1) if normalize else x_ND
+
+
+# ---------------------------------------------------------------------------- the index
+class Index:
+    """A built IVF-PQ index: learned tables (torch tensors on ``device``) and inverted lists.
+
+    Properties follow cuVS: ``n_lists``, ``dim``, ``pq_dim``, ``pq_len``, ``pq_bits``,
+    ``rot_dim``, ``centers`` ``(n_lists, dim)``, ``pq_centers`` (``(pq_dim, 2^pq_bits,
+    pq_len)`` per sub-space or ``(n_lists, 2^pq_bits, pq_len)`` per list),
+    ``rotation_matrix`` ``(rot_dim, dim)``, ``list_sizes``; :meth:`list_codes` and
+    :meth:`list_ids` read one list (codes unpacked).
+    """
+
+    def __init__(self, params: IndexParams, dim: int, centers, rotation_matrix, pq_centers, device):
+        self.params, self.dim, self.device = params, dim, torch.device(device)
+        self.centers = centers.to(self.device)
+        self.rotation_matrix = rotation_matrix.to(self.device)
+        self.pq_centers = pq_centers.to(self.device)
+        self.centers_rot = self.rotate(self.centers)
+        self.lists = InvertedLists(params.n_lists, self.code_bytes, self.device,
+                                   params.conservative_memory_allocation)
+
+    n_lists = property(lambda self: self.params.n_lists)
+    pq_dim = property(lambda self: self.params.pq_dim)
+    pq_bits = property(lambda self: self.params.pq_bits)
+    metric = property(lambda self: self.params.metric)
+    rot_dim = property(lambda self: self.rotation_matrix.shape[0])
+    pq_len = property(lambda self: self.rot_dim // self.pq_dim)
+    pq_book_size = property(lambda self: 1 << self.pq_bits)
+    code_bytes = property(lambda self: self.params.pq_dim * self.params.pq_bits // 8)
+    size = property(lambda self: self.lists.ntotal)
+    list_sizes = property(lambda self: self.lists.size.numpy().copy())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return (f"Index(n_lists={self.n_lists}, dim={self.dim}, pq_dim={self.pq_dim}, pq_bits={self.pq_bits}, "
+                f"metric={self.metric!r}, codebook_kind={self.params.codebook_kind!r}, size={self.size}, "
+                f"device={self.device})")
+
+    def list_codes(self, l: int) -> np.ndarray:
+        """Codes ``(size, pq_dim)`` of list ``l``, unpacked."""
+        return unpack_codes(self.lists.codes[self.lists.list_rows(l)], self.pq_dim, self.pq_bits).cpu().numpy()
+
+    def list_ids(self, l: int) -> np.ndarray:
+        return self.lists.ids[self.lists.list_rows(l)].cpu().numpy()
+
+    def nbytes(self) -> int:
+        """Bytes held by the index: lists, centres (raw and rotated), rotation, codebooks."""
+        tables = (self.centers, self.centers_rot, self.rotation_matrix, self.pq_centers)
+        return self.lists.nbytes() + sum(t.nbytes for t in tables)
+
+    # ------------------------------------------------------------------ maths
+    def rotate(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.rot_dim == self.dim and not self.params.force_random_rotation:
+            return x_ND                                     # identity rotation
+        return x_ND @ self.rotation_matrix.T
+
+    def coarse_scores(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """``(N, n_lists)`` scores, smaller is closer (negated inner products for IP/cosine)."""
+        if self.metric == "sqeuclidean":
+            c_sq = (self.centers ** 2).sum(1)  # |x|^2 left out: the same for every list
+            return torch.addmm(c_sq, x_ND, self.centers.T, alpha=-2)
+        return -(x_ND @ self.centers.T)
+
+    def assign(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """List number ``(N,)`` of each (float, normalised for cosine) row."""
+        return self.coarse_scores(x_ND).argmin(1)
+
+    def encode(self, x_ND: torch.Tensor, list_nos_N: torch.Tensor) -> torch.Tensor:
+        """Packed PQ codes of the rotated residuals ``(N, code_bytes)``."""
+        r_NSL = (self.rotate(x_ND) - self.centers_rot[list_nos_N]).view(len(x_ND), self.pq_dim, self.pq_len)
+        if self.params.codebook_kind == "subspace":
+            _, codes_SN = _nearest_chunked(r_NSL.transpose(0, 1), self.pq_centers)
+            codes_NS = codes_SN.T
+        else:
+            books_NKL = self.pq_centers[list_nos_N]
+            d_NSK = torch.cdist(r_NSL, books_NKL) ** 2
+            codes_NS = d_NSK.argmin(-1)
+        return pack_codes(codes_NS, self.pq_bits)
+
+    def decode(self, list_nos_N, codes_NS) -> np.ndarray:
+        """Reconstructions ``(N, dim)`` (in the normalised space for cosine) of unpacked codes."""
+        l_N = torch.as_tensor(np.asarray(list_nos_N), dtype=torch.int64, device=self.device)
+        c_NS = torch.as_tensor(np.asarray(codes_NS), dtype=torch.int64, device=self.device)
+        if self.params.codebook_kind == "subspace":
+            r_NSL = self.pq_centers[torch.arange(self.pq_dim, device=self.device), c_NS]
+        else:
+            r_NSL = self.pq_centers[l_N[:, None], c_NS]
+        x_rot = self.centers_rot[l_N] + r_NSL.reshape(len(l_N), self.rot_dim)
+        if self.rot_dim == self.dim and not self.params.force_random_rotation:
+            return x_rot.cpu().numpy()
+        return (x_rot @ self.rotation_matrix).cpu().numpy()
+
+
+def _nearest_chunked(x_GND: torch.Tensor, centroids_GKD: torch.Tensor, rows: int = 8192):
+    out = [nearest(x_GND[:, i:i + rows], centroids_GKD) for i in range(0, x_GND.shape[1], rows)]
+    return torch.cat([d for d, _ in out], 1), torch.cat([i for _, i in out], 1)

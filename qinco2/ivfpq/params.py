@@ -1,0 +1,92 @@
+"""Build-time and query-time parameters of the IVF-PQ index (cuVS names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+METRICS = ("sqeuclidean", "inner_product", "cosine")
+CODEBOOK_KINDS = ("subspace", "cluster")
+LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+DISTANCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Build-time parameters (names and defaults of cuVS ``ivf_pq.IndexParams``)."""
+
+    n_lists: int = 1024
+    metric: str = "sqeuclidean"
+    kmeans_n_iters: int = 20
+    kmeans_trainset_fraction: float = 0.5
+    pq_bits: int = 8
+    pq_dim: int = 0
+    codebook_kind: str = "subspace"
+    force_random_rotation: bool = False
+    conservative_memory_allocation: bool = False
+    add_data_on_build: bool = True
+    max_train_points_per_pq_code: int = 256
+    seed: int = 0
+
+    def validated(self, dim: int) -> "IndexParams":
+        """These parameters with ``pq_dim`` resolved for data of dimension ``dim``, or ConfigError."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+        need(self.metric in METRICS, f"metric must be one of {METRICS}, got {self.metric!r}")
+        need(self.codebook_kind in CODEBOOK_KINDS,
+             f"codebook_kind must be one of {CODEBOOK_KINDS}, got {self.codebook_kind!r}")
+        need(isinstance(self.pq_bits, int) and 4 <= self.pq_bits <= 8,
+             f"pq_bits must be an integer from 4 to 8, got {self.pq_bits!r}")
+        need(self.n_lists >= 1, f"n_lists must be >= 1, got {self.n_lists}")
+        need(self.kmeans_n_iters >= 1, f"kmeans_n_iters must be >= 1, got {self.kmeans_n_iters}")
+        need(0 < self.kmeans_trainset_fraction <= 1,
+             f"kmeans_trainset_fraction must be in (0, 1], got {self.kmeans_trainset_fraction}")
+        need(self.max_train_points_per_pq_code >= 1,
+             f"max_train_points_per_pq_code must be >= 1, got {self.max_train_points_per_pq_code}")
+        pq_dim = self.pq_dim or default_pq_dim(dim)
+        need(1 <= pq_dim <= dim, f"pq_dim must be from 1 to the dimension {dim} (0: automatic), got {pq_dim}")
+        need(pq_dim * self.pq_bits % 8 == 0,
+             f"pq_dim * pq_bits must be a multiple of 8 (whole bytes per vector), got {pq_dim} * "
+             f"{self.pq_bits} = {pq_dim * self.pq_bits}; change pq_dim or pq_bits")
+        return dataclasses.replace(self, pq_dim=pq_dim)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Query-time parameters (names and defaults of cuVS ``ivf_pq.SearchParams``).
+
+    ``lut_dtype``: precision of the look-up tables (``uint8``: one scale and per-sub-space
+    offsets per table); ``internal_distance_dtype``: precision of the summed distances.
+    ``preferred_smem_carveout`` tunes the shared memory of cuVS's GPU kernels; it is accepted
+    for compatibility and has no effect here (torch kernels manage their own memory).
+    """
+
+    n_probes: int = 20
+    lut_dtype: str = "float32"
+    internal_distance_dtype: str = "float32"
+    preferred_smem_carveout: float = 1.0
+
+    def validated(self) -> "SearchParams":
+        if not isinstance(self.n_probes, (int, np.integer)) or self.n_probes < 1:
+            raise ConfigError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
+        if self.lut_dtype not in LUT_DTYPES:
+            raise ConfigError(f"lut_dtype must be one of {list(LUT_DTYPES)}, got {self.lut_dtype!r}")
+        if self.internal_distance_dtype not in DISTANCE_DTYPES:
+            raise ConfigError(f"internal_distance_dtype must be one of {list(DISTANCE_DTYPES)}, "
+                              f"got {self.internal_distance_dtype!r}")
+        if not 0 <= self.preferred_smem_carveout <= 1:
+            raise ConfigError(f"preferred_smem_carveout must be in [0, 1], got {self.preferred_smem_carveout}")
+        return self
+
+
+def default_pq_dim(dim: int) -> int:
+    """cuVS's choice for ``pq_dim=0``: ``dim`` below 128 else ``dim / 2``, rounded down to a
+    multiple of 32, else the largest power of two <= ``dim``."""
+    r = dim if dim < 128 else dim // 2
+    return r // 32 * 32 or 1 << (dim.bit_length() - 1)
