@@ -11,11 +11,11 @@ and :func:`estimate_memory`.
 """
 
 from ..rerank import refine, refine_with_codec
-from .build import build, extend, load, save
+from .builder import build, extend, load, save
 from .index import Index
 from .memory import estimate_memory
 from .params import IndexParams, SearchParams, default_pq_dim
-from .search import search, search_and_refine
+from .scan import search, search_and_refine
 
 __all__ = ["IndexParams", "SearchParams", "Index", "build", "extend", "search", "search_and_refine",
            "save", "load", "refine", "refine_with_codec", "estimate_memory", "default_pq_dim"]

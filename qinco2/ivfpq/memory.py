@@ -9,7 +9,7 @@ lists hold exactly their vectors; otherwise list capacities round up to powers o
 from __future__ import annotations
 
 from .params import IndexParams, SearchParams
-from .search import DEFAULT_WORKSPACE_BYTES
+from .scan import DEFAULT_WORKSPACE_BYTES
 
 IDX_BYTES = 8          # int64 ids
 FLOAT_BYTES = 4

@@ -18,6 +18,8 @@ from .index import Index, check_vectors, float_rows
 from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
+LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bit float entries
+FP16_SUM_MAX = 60_000.0                                  # below float16's largest finite 65504
 
 
 def _tables(index: Index, q_QD: torch.Tensor, probe_QP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +46,26 @@ def _tables(index: Index, q_QD: torch.Tensor, probe_QP: torch.Tensor) -> tuple[t
     return -dot, const
 
 
-def _quantized(lut: torch.Tensor, const: torch.Tensor, lut_dtype: str):
-    """The tables in ``lut_dtype``, with the (scale, offset) that map a sum back to a score."""
-    if lut_dtype != "uint8":
-        return lut.to(LUT_DTYPES[lut_dtype]), None, const
-    low = lut.amin(-1, keepdim=True)                                       # per sub-table offset
-    scale = ((lut - low).amax((-1, -2)) / 255).clamp_min(1e-30)           # one scale per table
-    q8 = torch.round((lut - low) / scale[:, None, None]).to(torch.uint8)
-    return q8, scale, const + low.sum((-1, -2))
+def _quantized(lut: torch.Tensor, const: torch.Tensor, p: SearchParams):
+    """The tables in ``p.lut_dtype`` and the ``scale`` and constants that map their sums
+    (taken in ``p.internal_distance_dtype``) back to scores: ``score = sum * scale + const``.
+
+    Below float32, each sub-table's minimum moves into the constant and each table is scaled
+    so that its entries fit the table type (8-bit tables hold a small float, like cuVS's:
+    relative precision at every magnitude, so the small entries that decide the top-k keep
+    their resolution) and its largest possible sum fits a float16 accumulator."""
+    if p.lut_dtype == "float32" and p.internal_distance_dtype == "float32":
+        return lut, None, const
+    low = lut.amin(-1, keepdim=True)
+    peak = (lut - low).amax(-1)                                             # (tables, S)
+    ratios = []
+    if p.internal_distance_dtype == "float16":
+        ratios.append(peak.sum(-1) / FP16_SUM_MAX)
+    if p.lut_dtype != "float32":
+        ratios.append(peak.amax(-1) / (LUT8_MAX if p.lut_dtype == "uint8" else FP16_SUM_MAX))
+    scale = torch.stack(ratios).amax(0).clamp_min(1e-30)
+    stored = LUT8_DTYPE if p.lut_dtype == "uint8" else LUT_DTYPES[p.lut_dtype]
+    return ((lut - low) / scale[:, None, None]).to(stored), scale, const + low.sum((-1, -2))
 
 
 def _candidates(index: Index, probe_QP: torch.Tensor):
@@ -70,25 +84,25 @@ def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
     Q, P = len(q_QD), min(p.n_probes, index.n_lists)
     S, K = index.pq_dim, index.pq_book_size
     probe_QP = index.coarse_scores(q_QD).topk(P, dim=1, largest=False).indices
-    lut, scale, const = _quantized(*_tables(index, q_QD, probe_QP), p.lut_dtype)
+    lut, scale, const = _quantized(*_tables(index, q_QD, probe_QP), p)
     pair, rows, n_pair = _candidates(index, probe_QP)
     codes = unpack_codes(index.lists.codes[rows], S, index.pq_bits)
     flat = pair[:, None] * (S * K) + torch.arange(S, device=index.device) * K + codes
     vals = lut.reshape(-1)[flat]
     dtype = DISTANCE_DTYPES[p.internal_distance_dtype]
-    if scale is None:
-        dist = vals.to(dtype).sum(-1, dtype=dtype) + const[pair].to(dtype)
+    if scale is None:                                   # float32 tables and sums
+        dist = vals.sum(-1) + const[pair]
     else:
-        dist = (vals.sum(-1, dtype=torch.int32) * scale[pair] + const[pair]).to(dtype)
+        dist = vals.to(dtype).sum(-1, dtype=dtype).float() * scale[pair] + const[pair]
     n_query = n_pair.reshape(Q, P).sum(1)
     width = max(int(n_query.max()) if Q else 0, 1)
     query = (pair // P).long()
     pos = torch.arange(len(pair), device=index.device) - (torch.cumsum(n_query, 0) - n_query).to(index.device)[query]
-    dist_QW = torch.full((Q, width), float("inf"), dtype=dtype, device=index.device)
+    dist_QW = torch.full((Q, width), float("inf"), device=index.device)
     ids_QW = torch.full((Q, width), -1, dtype=torch.int64, device=index.device)
     dist_QW[query, pos] = dist
     ids_QW[query, pos] = index.lists.ids[rows]
-    top = torch.topk(dist_QW.float(), min(k, width), dim=1, largest=False)
+    top = torch.topk(dist_QW, min(k, width), dim=1, largest=False)
     return top.values, ids_QW.gather(1, top.indices)
 
 
