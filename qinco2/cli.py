@@ -69,6 +69,24 @@ class CliArgs:
     quantizer_efSearch: Any = None
     nshort: Any = None
     nmid_short: Any = None
+    n_lists: int = 1024
+    metric: str = "sqeuclidean"
+    kmeans_n_iters: int = 20
+    kmeans_trainset_fraction: float = 0.5
+    pq_bits: int = 8
+    pq_dim: int = 0
+    codebook_kind: str = "subspace"
+    force_random_rotation: bool = False
+    conservative_memory_allocation: bool = False
+    add_data_on_build: bool = True
+    max_train_points_per_pq_code: int = 256
+    n_probes: Any = 20
+    lut_dtype: str = "float32"
+    internal_distance_dtype: str = "float32"
+    preferred_smem_carveout: float = 1.0
+    k: int = 10
+    refine: Optional[str] = None
+    refine_ratio: float = 1.0
     ds: DataArgs = field(default_factory=DataArgs)
     lr: float = 0.0008
     batch: int = 1024
@@ -406,10 +424,12 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
     return {"task": "demo", **r}
 
 
+from .cli_ivfpq import task_ivfpq_build, task_ivfpq_search  # noqa: E402  (uses the helpers above)
+
 TASKS = {"train": task_train, "eval": task_eval, "eval_valset": task_eval_valset,
          "search": task_search, "ivf_centroids": task_ivf_centroids, "encode": task_encode,
          "train_pairwise_decoder": task_train_pairwise_decoder, "build_index": task_build_index,
-         "demo": task_demo}
+         "ivfpq_build": task_ivfpq_build, "ivfpq_search": task_ivfpq_search, "demo": task_demo}
 
 
 def usage() -> str:

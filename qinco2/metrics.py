@@ -40,3 +40,14 @@ def code_usage(codes_NM: np.ndarray, K_per_step) -> tuple[np.ndarray, np.ndarray
         used.append(len(nz) / K)
         entropy.append(float(-(nz * np.log2(nz)).sum()))
     return np.array(used), np.array(entropy)
+
+
+def neighbor_recall(ids_QS: np.ndarray, gt_QK: np.ndarray, k: int) -> float:
+    """k-recall@k: mean fraction of the ``k`` true nearest neighbours among the first ``k``
+    ids (the "recall@k" of cuVS and ann-benchmarks; needs ``k`` true neighbours per query)."""
+    gt_QK = np.asarray(gt_QK)
+    if gt_QK.ndim != 2 or gt_QK.shape[1] < k or ids_QS.shape[1] < k:
+        raise ValueError(f"k-recall@{k} needs {k} ids and {k} true neighbours per query, got "
+                         f"{ids_QS.shape[1]} and {gt_QK.shape[1] if gt_QK.ndim == 2 else 1}")
+    hits = (ids_QS[:, :k, None] == gt_QK[:, None, :k]).any(2)
+    return float(hits.mean())

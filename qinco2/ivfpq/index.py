@@ -122,15 +122,21 @@ class Index:
             codes_NS = d_NSK.argmin(-1)
         return pack_codes(codes_NS, self.pq_bits)
 
+    def residuals(self, codes_NS: torch.Tensor, list_nos_N: torch.Tensor) -> torch.Tensor:
+        """Decoded rotated residuals ``(N, rot_dim)`` of unpacked codes (int64, on ``device``)."""
+        K = self.pq_book_size
+        if self.params.codebook_kind == "subspace":
+            offset = torch.arange(self.pq_dim, device=self.device) * K
+        else:
+            offset = list_nos_N[:, None] * K
+        books = self.pq_centers.reshape(-1, self.pq_len)
+        return torch.nn.functional.embedding(codes_NS + offset, books).reshape(len(codes_NS), self.rot_dim)
+
     def decode(self, list_nos_N, codes_NS) -> np.ndarray:
         """Reconstructions ``(N, dim)`` (in the normalised space for cosine) of unpacked codes."""
         l_N = torch.as_tensor(np.asarray(list_nos_N), dtype=torch.int64, device=self.device)
         c_NS = torch.as_tensor(np.asarray(codes_NS), dtype=torch.int64, device=self.device)
-        if self.params.codebook_kind == "subspace":
-            r_NSL = self.pq_centers[torch.arange(self.pq_dim, device=self.device), c_NS]
-        else:
-            r_NSL = self.pq_centers[l_N[:, None], c_NS]
-        x_rot = self.centers_rot[l_N] + r_NSL.reshape(len(l_N), self.rot_dim)
+        x_rot = self.centers_rot[l_N] + self.residuals(c_NS, l_N)
         if self.rot_dim == self.dim and not self.params.force_random_rotation:
             return x_rot.cpu().numpy()
         return (x_rot @ self.rotation_matrix).cpu().numpy()

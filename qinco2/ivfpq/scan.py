@@ -22,28 +22,37 @@ LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bi
 FP16_SUM_MAX = 60_000.0                                  # below float16's largest finite 65504
 
 
-def _tables(index: Index, q_QD: torch.Tensor, probe_QP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Look-up tables ``(Q*P, S, K)`` float32 and per-(query, list) constants ``(Q*P,)``;
-    the score of a code is the constant plus its table sum (smaller is better)."""
-    Q, P = probe_QP.shape
-    S, L, K = index.pq_dim, index.pq_len, index.pq_book_size
-    q_rot = index.rotate(q_QD)
-    if index.metric == "sqeuclidean":            # ||residual - codeword||^2, sub-space by sub-space
-        u = (q_rot[:, None] - index.centers_rot[probe_QP]).reshape(Q * P, S, L)
-        const = torch.zeros(Q * P, device=q_QD.device)
-    else:                                          # -<q, centre> - <q_rot, codeword>
-        u = q_rot.reshape(Q, 1, S, L).expand(Q, P, S, L).reshape(Q * P, S, L)
-        const = -(q_QD[:, None] * index.centers[probe_QP]).sum(-1).reshape(-1)
-    if index.params.codebook_kind == "subspace":
-        dot = torch.bmm(u.transpose(0, 1), index.pq_centers.transpose(1, 2)).transpose(0, 1)
-        book_sq = (index.pq_centers ** 2).sum(-1)[None]                     # (1, S, K)
-    else:
-        books = index.pq_centers[probe_QP.reshape(-1)]                     # (Q*P, K, L)
-        dot = torch.bmm(u, books.transpose(1, 2))
-        book_sq = (books ** 2).sum(-1)[:, None]                             # (Q*P, 1, K)
+def _exact_scores(index: Index, q_rot: torch.Tensor, q_raw: torch.Tensor, l: int, r_nR: torch.Tensor):
+    """Scores ``(nq, n)`` (smaller is better) of a list's decoded residuals, in float32:
+    the sums of float32 look-up tables, computed as dot products with the decoded codes."""
+    if index.metric == "sqeuclidean":                 # ||(q - c) - r||^2
+        qc = q_rot - index.centers_rot[l]
+        return torch.addmm((r_nR ** 2).sum(1)[None], qc, r_nR.T, alpha=-2) + (qc ** 2).sum(1)[:, None]
+    return -torch.addmm((q_raw @ index.centers[l])[:, None], q_rot, r_nR.T)   # -<q, c + r>
+
+
+def _table_scores(index: Index, p: SearchParams, q_rot, q_raw, l: int, codes_nS: torch.Tensor):
+    """Scores ``(nq, n)`` from look-up tables ``(nq, S, K)`` stored in ``p.lut_dtype`` and
+    summed in ``p.internal_distance_dtype`` (the reduced-precision modes)."""
+    nq, S, L = len(q_rot), index.pq_dim, index.pq_len
+    books = index.pq_centers if index.params.codebook_kind == "subspace" else index.pq_centers[l].expand(S, -1, -1)
     if index.metric == "sqeuclidean":
-        return (u ** 2).sum(-1, keepdim=True) - 2 * dot + book_sq, const
-    return -dot, const
+        u = (q_rot - index.centers_rot[l]).reshape(nq, S, L).transpose(0, 1)          # (S, nq, L)
+        lut = (torch.cdist(u, books) ** 2).transpose(0, 1)                              # (nq, S, K)
+        const = torch.zeros(nq, device=q_rot.device)
+    else:
+        lut = -torch.bmm(q_rot.reshape(nq, S, L).transpose(0, 1), books.transpose(1, 2)).transpose(0, 1)
+        const = -(q_raw @ index.centers[l])
+    lut, scale, const = _quantized(lut, const, p)
+    index_nq = codes_nS.T[None].expand(nq, -1, -1)
+    if lut.dtype == LUT8_DTYPE:                        # gather the bytes of the 8-bit floats
+        vals = torch.gather(lut.view(torch.uint8), 2, index_nq).view(LUT8_DTYPE)       # (nq, S, n)
+    else:
+        vals = torch.gather(lut, 2, index_nq)
+    if scale is None:
+        return vals.sum(1) + const[:, None]
+    dtype = DISTANCE_DTYPES[p.internal_distance_dtype]
+    return vals.to(dtype).sum(1, dtype=dtype).float() * scale[:, None] + const[:, None]
 
 
 def _quantized(lut: torch.Tensor, const: torch.Tensor, p: SearchParams):
@@ -68,50 +77,40 @@ def _quantized(lut: torch.Tensor, const: torch.Tensor, p: SearchParams):
     return ((lut - low) / scale[:, None, None]).to(stored), scale, const + low.sum((-1, -2))
 
 
-def _candidates(index: Index, probe_QP: torch.Tensor):
-    """Rows of the lists' buffers scanned for each (query, probe), flattened."""
-    lists = index.lists
-    dev = index.device
-    probes = probe_QP.reshape(-1).cpu()
-    n_pair = lists.size[probes]
-    pair = torch.repeat_interleave(torch.arange(len(probes)), n_pair)
-    first = torch.cumsum(n_pair, 0) - n_pair
-    rows = lists.start[probes][pair] + torch.arange(len(pair)) - first[pair]
-    return pair.to(dev), rows.to(dev), n_pair
-
-
 def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
-    Q, P = len(q_QD), min(p.n_probes, index.n_lists)
-    S, K = index.pq_dim, index.pq_book_size
-    probe_QP = index.coarse_scores(q_QD).topk(P, dim=1, largest=False).indices
-    lut, scale, const = _quantized(*_tables(index, q_QD, probe_QP), p)
-    pair, rows, n_pair = _candidates(index, probe_QP)
-    codes = unpack_codes(index.lists.codes[rows], S, index.pq_bits)
-    flat = pair[:, None] * (S * K) + torch.arange(S, device=index.device) * K + codes
-    vals = lut.reshape(-1)[flat]
-    dtype = DISTANCE_DTYPES[p.internal_distance_dtype]
-    if scale is None:                                   # float32 tables and sums
-        dist = vals.sum(-1) + const[pair]
-    else:
-        dist = vals.to(dtype).sum(-1, dtype=dtype).float() * scale[pair] + const[pair]
-    n_query = n_pair.reshape(Q, P).sum(1)
-    width = max(int(n_query.max()) if Q else 0, 1)
-    query = (pair // P).long()
-    pos = torch.arange(len(pair), device=index.device) - (torch.cumsum(n_query, 0) - n_query).to(index.device)[query]
-    dist_QW = torch.full((Q, width), float("inf"), device=index.device)
-    ids_QW = torch.full((Q, width), -1, dtype=torch.int64, device=index.device)
-    dist_QW[query, pos] = dist
-    ids_QW[query, pos] = index.lists.ids[rows]
-    top = torch.topk(dist_QW, min(k, width), dim=1, largest=False)
-    return top.values, ids_QW.gather(1, top.indices)
+    """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries: the probed lists are
+    scanned one after the other, each against all the queries that probe it."""
+    Q, P, dev = len(q_QD), min(p.n_probes, index.n_lists), index.device
+    exact = p.lut_dtype == "float32" and p.internal_distance_dtype == "float32"
+    probe = index.coarse_scores(q_QD).topk(P, dim=1, largest=False).indices.reshape(-1)  # (Q*P,)
+    q_rot = index.rotate(q_QD)
+    order = torch.argsort(probe, stable=True)              # pairs (query * P + rank) by list
+    counts = torch.bincount(probe, minlength=index.n_lists).cpu()
+    first = (torch.cumsum(counts, 0) - counts).tolist()
+    best = torch.full((Q * P, k), float("inf"), device=dev)
+    best_ids = torch.full((Q * P, k), -1, dtype=torch.int64, device=dev)
+    for l in torch.nonzero(counts * (index.lists.size > 0))[:, 0].tolist():
+        pairs = order[first[l]:first[l] + int(counts[l])]
+        J = pairs // P
+        rows = index.lists.list_rows(l)
+        codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
+        if exact:
+            r = index.residuals(codes, torch.full((len(codes),), l, device=dev))
+            scores = _exact_scores(index, q_rot[J], q_QD[J], l, r)
+        else:
+            scores = _table_scores(index, p, q_rot[J], q_QD[J], l, codes)
+        top = torch.topk(scores, min(k, len(codes)), dim=1, largest=False)
+        best[pairs, :top.values.shape[1]] = top.values
+        best_ids[pairs, :top.values.shape[1]] = index.lists.ids[rows][top.indices]
+    top = torch.topk(best.reshape(Q, P * k), k, dim=1, largest=False)
+    return top.values, best_ids.reshape(Q, P * k).gather(1, top.indices)
 
 
-def _batch_size(index: Index, p: SearchParams, workspace_bytes: int) -> int:
+def _batch_size(index: Index, p: SearchParams, k: int, workspace_bytes: int) -> int:
+    """Queries per batch: the (query, probe) top-k buffers and one list's tables per query."""
     P = min(p.n_probes, index.n_lists)
     S, K = index.pq_dim, index.pq_book_size
-    n_cand = P * max(int(index.lists.size.max()), 1)
-    per_query = (P * S * K * 9 + (P * K * index.pq_len * 4 if index.params.codebook_kind == "cluster" else 0)
-                 + n_cand * (S * 20 + index.code_bytes + 48))
+    per_query = P * k * 12 + S * K * 12 + S * max(int(index.lists.size.max()), 1) * 8 + index.rot_dim * 8
     return max(1, workspace_bytes // per_query)
 
 
@@ -137,7 +136,7 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
     Q = len(queries)
     distances = np.full((Q, k), np.inf, dtype=np.float32)
     neighbors = np.full((Q, k), -1, dtype=np.int64)
-    step = _batch_size(index, p, workspace_bytes)
+    step = _batch_size(index, p, k, workspace_bytes)
     with torch.no_grad():
         for a in range(0, Q, step):
             q_QD = float_rows(queries[a:a + step], index.device, index.metric == "cosine")
