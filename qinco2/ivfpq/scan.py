@@ -20,18 +20,10 @@ from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bit float entries
 FP16_SUM_MAX = 60_000.0                                  # below float16's largest finite 65504
+BLOCK_ROWS = 8192    # vectors decoded at a time: temporaries small enough for malloc to reuse
 
 
-def _exact_scores(index: Index, q_rot: torch.Tensor, q_raw: torch.Tensor, l: int, r_nR: torch.Tensor):
-    """Scores ``(nq, n)`` (smaller is better) of a list's decoded residuals, in float32:
-    the sums of float32 look-up tables, computed as dot products with the decoded codes."""
-    if index.metric == "sqeuclidean":                 # ||(q - c) - r||^2
-        qc = q_rot - index.centers_rot[l]
-        return torch.addmm((r_nR ** 2).sum(1)[None], qc, r_nR.T, alpha=-2) + (qc ** 2).sum(1)[:, None]
-    return -torch.addmm((q_raw @ index.centers[l])[:, None], q_rot, r_nR.T)   # -<q, c + r>
-
-
-def _table_scores(index: Index, p: SearchParams, q_rot, q_raw, l: int, codes_nS: torch.Tensor):
+def _table_scores(index: Index, p: SearchParams, q_rot, pair_const, l: int, codes_nS: torch.Tensor):
     """Scores ``(nq, n)`` from look-up tables ``(nq, S, K)`` stored in ``p.lut_dtype`` and
     summed in ``p.internal_distance_dtype`` (the reduced-precision modes)."""
     nq, S, L = len(q_rot), index.pq_dim, index.pq_len
@@ -42,7 +34,7 @@ def _table_scores(index: Index, p: SearchParams, q_rot, q_raw, l: int, codes_nS:
         const = torch.zeros(nq, device=q_rot.device)
     else:
         lut = -torch.bmm(q_rot.reshape(nq, S, L).transpose(0, 1), books.transpose(1, 2)).transpose(0, 1)
-        const = -(q_raw @ index.centers[l])
+        const = pair_const                             # -<q, c>
     lut, scale, const = _quantized(lut, const, p)
     index_nq = codes_nS.T[None].expand(nq, -1, -1)
     if lut.dtype == LUT8_DTYPE:                        # gather the bytes of the 8-bit floats
@@ -77,41 +69,81 @@ def _quantized(lut: torch.Tensor, const: torch.Tensor, p: SearchParams):
     return ((lut - low) / scale[:, None, None]).to(stored), scale, const + low.sum((-1, -2))
 
 
+def _probed_rows(index: Index, lists_U: torch.Tensor):
+    """Buffer rows of the probed lists, list after list, and where each list starts there."""
+    size_U = index.lists.size[lists_U]
+    first_U = torch.cumsum(size_U, 0) - size_U
+    rows = torch.repeat_interleave(index.lists.start[lists_U] - first_U, size_U) + torch.arange(int(size_U.sum()))
+    return rows.to(index.device), first_U.tolist(), size_U.tolist()
+
+
+def _blocks(lists_U: torch.Tensor, size_U: torch.Tensor, rows: int = BLOCK_ROWS):
+    """Runs of consecutive probed lists holding about ``rows`` vectors (at least one list)."""
+    block_of = torch.div(torch.cumsum(size_U, 0) - size_U, rows, rounding_mode="floor")
+    return [lists_U[block_of == b] for b in torch.unique_consecutive(block_of).tolist()]
+
+
+def _row_terms(index: Index, r_nR: torch.Tensor, lists_n: torch.Tensor) -> torch.Tensor:
+    """The query-independent part of each decoded row's score: ``|r|^2 + 2 <c, r>`` for L2
+    (``|q - c - r|^2 = |q - c|^2 - 2 <q, r> + |r|^2 + 2 <c, r>`` in the rotated space), 0 for
+    inner products (``-<q, c + r> = -<q, c> - <q, r>``)."""
+    if index.metric != "sqeuclidean":
+        return torch.zeros(len(r_nR), device=r_nR.device)
+    return ((r_nR + 2 * index.centers_rot[lists_n]) * r_nR).sum(1)
+
+
 def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
-    """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries: the probed lists are
-    scanned one after the other, each against all the queries that probe it."""
+    """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries. The probed lists are
+    unpacked (and, for float32 tables, decoded) ``BLOCK_ROWS`` vectors at a time; each list
+    is scored against all the queries that probe it at once. Float32 table sums are computed
+    as what they equal: dot products of the rotated query with the decoded residuals."""
     Q, P, dev = len(q_QD), min(p.n_probes, index.n_lists), index.device
     exact = p.lut_dtype == "float32" and p.internal_distance_dtype == "float32"
-    probe = index.coarse_scores(q_QD).topk(P, dim=1, largest=False).indices.reshape(-1)  # (Q*P,)
+    coarse = index.coarse_scores(q_QD).topk(P, dim=1, largest=False)
+    probe = coarse.indices.reshape(-1)                                  # (Q*P,) pair = query * P + rank
+    pair_const = coarse.values                                           # -<q, c> for inner products
+    if index.metric == "sqeuclidean":
+        pair_const = pair_const + (q_QD * q_QD).sum(1, keepdim=True)    # |q - c|^2
+    pair_const = pair_const.reshape(-1)
     q_rot = index.rotate(q_QD)
-    order = torch.argsort(probe, stable=True)              # pairs (query * P + rank) by list
+    order = torch.argsort(probe, stable=True)                            # pairs grouped by list
+    query_of = order // P
     counts = torch.bincount(probe, minlength=index.n_lists).cpu()
-    first = (torch.cumsum(counts, 0) - counts).tolist()
+    pair_first = (torch.cumsum(counts, 0) - counts).tolist()
+    lists_U = torch.nonzero((counts > 0) & (index.lists.size > 0))[:, 0]
     best = torch.full((Q * P, k), float("inf"), device=dev)
     best_ids = torch.full((Q * P, k), -1, dtype=torch.int64, device=dev)
-    for l in torch.nonzero(counts * (index.lists.size > 0))[:, 0].tolist():
-        pairs = order[first[l]:first[l] + int(counts[l])]
-        J = pairs // P
-        rows = index.lists.list_rows(l)
+    alpha = -2.0 if index.metric == "sqeuclidean" else -1.0
+    for block in _blocks(lists_U, index.lists.size[lists_U]):
+        rows, first_U, size_U = _probed_rows(index, block)
         codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
+        ids = index.lists.ids[rows]
         if exact:
-            r = index.residuals(codes, torch.full((len(codes),), l, device=dev))
-            scores = _exact_scores(index, q_rot[J], q_QD[J], l, r)
-        else:
-            scores = _table_scores(index, p, q_rot[J], q_QD[J], l, codes)
-        top = torch.topk(scores, min(k, len(codes)), dim=1, largest=False)
-        best[pairs, :top.values.shape[1]] = top.values
-        best_ids[pairs, :top.values.shape[1]] = index.lists.ids[rows][top.indices]
+            lists_n = torch.repeat_interleave(block.to(dev), torch.tensor(size_U, device=dev))
+            r = index.residuals(codes, lists_n)
+            t = _row_terms(index, r, lists_n)
+        for l, a, n in zip(block.tolist(), first_U, size_U):
+            sel = slice(pair_first[l], pair_first[l] + int(counts[l]))
+            pairs, J = order[sel], query_of[sel]
+            if exact:
+                scores = torch.addmm(t[a:a + n][None], q_rot[J], r[a:a + n].T, alpha=alpha)
+            else:
+                scores = _table_scores(index, p, q_rot[J], pair_const[pairs], l, codes[a:a + n])
+            top = torch.topk(scores, min(k, n), dim=1, largest=False)
+            best[pairs, :top.values.shape[1]] = top.values
+            best_ids[pairs, :top.values.shape[1]] = ids[a:a + n][top.indices]
+    if exact:
+        best += pair_const[:, None]
     top = torch.topk(best.reshape(Q, P * k), k, dim=1, largest=False)
     return top.values, best_ids.reshape(Q, P * k).gather(1, top.indices)
 
 
 def _batch_size(index: Index, p: SearchParams, k: int, workspace_bytes: int) -> int:
-    """Queries per batch: the (query, probe) top-k buffers and one list's tables per query."""
+    """Queries per batch: the (query, probe) top-k buffers and one list's tables per query
+    (the decoded rows of the probed lists take ``BLOCK_ROWS`` rows at a time)."""
     P = min(p.n_probes, index.n_lists)
-    S, K = index.pq_dim, index.pq_book_size
-    per_query = P * k * 12 + S * K * 12 + S * max(int(index.lists.size.max()), 1) * 8 + index.rot_dim * 8
-    return max(1, workspace_bytes // per_query)
+    per_query = P * k * 12 + index.pq_dim * index.pq_book_size * 12 + index.rot_dim * 8
+    return max(1, (workspace_bytes - BLOCK_ROWS * (index.rot_dim * 4 + index.pq_dim * 8 + 16)) // per_query)
 
 
 def _to_metric(index: Index, dist_QK: torch.Tensor) -> torch.Tensor:
