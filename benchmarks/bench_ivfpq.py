@@ -1,0 +1,153 @@
+"""IVF-PQ benchmark: our torch index against faiss ``IndexIVFPQ`` with the same parameters,
+plus refinement by raw vectors and by QINCo2 decoding of compact codes.
+
+For each ``pq_dim`` (8-bit codes) both indexes are built on the database (k-means on the
+same ``kmeans_trainset_fraction`` sample, the same iterations, PQ trained on at most
+256 points per code), then searched for ``k`` neighbours over a grid of ``n_probes`` with the
+same threads. Each operating point is one JSON line of ``--out``: 10-recall@10 (the
+fraction of the 10 true neighbours found, cuVS's "recall"), R@1 / R@10 (the true nearest
+neighbour among the first 1 / 10), queries per second (median of ``--repeats`` timed runs
+after a warm-up) and the bytes per vector.
+
+    python benchmarks/bench_ivfpq.py --pq-dims 16 32 64 --qinco-model runs/bench/qinco2-sift-photos-16x8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from bench_codecs import environment
+from qinco2 import DataLimits, QincoCodec, ivfpq, resolve_dataset
+from qinco2.metrics import neighbor_recall, recall_at
+
+PROBES = (1, 2, 5, 10, 20, 50, 100, 200)
+
+
+def timed_median(fn, repeats: int):
+    fn()                                                            # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def quality(ids, gt, k: int) -> dict:
+    r = recall_at(ids, gt, (1, 10))
+    return {f"{k}-recall@{k}": neighbor_recall(ids, gt, k), "R@1": r[1], "R@10": r[10]}
+
+
+def build_faiss(xb, train_rows, n_lists: int, pq_dim: int, niter: int):
+    index = faiss.index_factory(xb.shape[1], f"IVF{n_lists},PQ{pq_dim}x8")
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.niter = niter
+    ivf.pq.cp.niter = niter
+    index.train(xb[train_rows])
+    index.add(xb)
+    return index
+
+
+def qinco_codes(path: str, xb, work: Path, A: int, B: int) -> tuple[QincoCodec, np.ndarray, float]:
+    """The codec and the database codes (cached next to the benchmark's other files)."""
+    codec = QincoCodec.load(path)
+    cache = work / f"{Path(path).stem}-A{A}B{B}-codes.npy"
+    if cache.is_file():
+        return codec, np.load(cache), float("nan")
+    t0 = time.perf_counter()
+    codes = codec.encode(xb, A=A, B=B)
+    seconds = time.perf_counter() - t0
+    np.save(cache, codes)
+    return codec, codes, seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="sift-photos")
+    p.add_argument("--n-lists", type=int, default=1024)
+    p.add_argument("--pq-dims", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--kmeans-n-iters", type=int, default=20)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--probes", type=int, nargs="+", default=list(PROBES))
+    p.add_argument("--refine-ratios", type=float, nargs="+", default=[2, 4])
+    p.add_argument("--qinco-model", default=None, help="QINCo2 model whose codes re-rank the pq_dim of --qinco-pq-dim")
+    p.add_argument("--qinco-pq-dim", type=int, default=16)
+    p.add_argument("--qinco-AB", type=int, nargs=2, default=(8, 4))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="runs/ivfpq_bench")
+    p.add_argument("--out", default="benchmarks/results/ivfpq.jsonl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ds = resolve_dataset(args.dataset)
+    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
+    xq, gt = ds.query_vectors(), ds.ground_truth()
+    env = environment(args.threads)
+    common = {"bench": "ivfpq", "dataset": args.dataset, "n_db": len(xb), "n_queries": len(xq), "k": args.k,
+              "n_lists": args.n_lists, **env}
+    out = open(args.out, "a")
+
+    def emit(row: dict) -> None:
+        row = {**common, **row}
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        print(f"{row['index']:44s} n_probes={row['n_probes']:4d}  {args.k}-recall@{args.k} "
+              f"{row[f'{args.k}-recall@{args.k}']:.4f}  R@1 {row['R@1']:.3f}  {row['qps']:9.0f} QPS  "
+              f"{row['bytes_per_vector']:.0f} B/vec", flush=True)
+
+    codec = codes = None
+    if args.qinco_model:
+        codec, codes, enc_s = qinco_codes(args.qinco_model, xb, work, *args.qinco_AB)
+        print(f"QINCo2 codes {codes.shape} ({enc_s:.0f} s to encode)")
+    for pq_dim in args.pq_dims:
+        params = ivfpq.IndexParams(n_lists=args.n_lists, pq_dim=pq_dim, pq_bits=8,
+                                   kmeans_n_iters=args.kmeans_n_iters, conservative_memory_allocation=True)
+        t0 = time.perf_counter()
+        ours = ivfpq.build(params, xb)
+        ours_build = time.perf_counter() - t0
+        train_rows = np.sort(np.random.default_rng(0).permutation(len(xb))[:len(xb) // 2])
+        t0 = time.perf_counter()
+        ref = build_faiss(xb, train_rows, args.n_lists, pq_dim, args.kmeans_n_iters)
+        faiss_build = time.perf_counter() - t0
+        code_bytes = pq_dim + 8                                   # PQ code + int64 id
+        for n_probes in [n for n in args.probes if n <= args.n_lists]:
+            sp = ivfpq.SearchParams(n_probes=n_probes)
+            (_, ids), t = timed_median(lambda: ivfpq.search(sp, ours, xq, args.k), args.repeats)
+            emit({"index": f"qinco2.ivfpq IVF{args.n_lists},PQ{pq_dim}x8", "impl": "ours", "pq_dim": pq_dim,
+                  "n_probes": n_probes, "qps": len(xq) / t, "build_s": ours_build, "index_bytes": ours.nbytes(),
+                  "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
+            fp = faiss.SearchParametersIVF(nprobe=n_probes)
+            (_, ids), t = timed_median(lambda: ref.search(xq, args.k, params=fp), args.repeats)
+            emit({"index": f"faiss IVF{args.n_lists},PQ{pq_dim}x8", "impl": "faiss", "pq_dim": pq_dim,
+                  "n_probes": n_probes, "qps": len(xq) / t, "build_s": faiss_build,
+                  "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
+            for ratio in args.refine_ratios:
+                (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
+                    sp, ours, xq, args.k, refine_ratio=ratio, dataset=xb), args.repeats)
+                emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + refine raw x{ratio:g}", "impl": "ours+raw",
+                      "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "qps": len(xq) / t,
+                      "bytes_per_vector": code_bytes, "host_bytes_per_vector": 4 * xb.shape[1],
+                      **quality(ids, gt, args.k)})
+                if codec is None or pq_dim != args.qinco_pq_dim:
+                    continue
+                (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
+                    sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes), args.repeats)
+                emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + QINCo2 {codes.shape[1]}B x{ratio:g}",
+                      "impl": "ours+qinco2", "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio,
+                      "qinco_model": args.qinco_model, "qinco_AB": list(args.qinco_AB), "qps": len(xq) / t,
+                      "bytes_per_vector": code_bytes + codes.shape[1], **quality(ids, gt, args.k)})
+
+
+if __name__ == "__main__":
+    main()
