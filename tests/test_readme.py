@@ -11,9 +11,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "README has no python example"
     monkeypatch.chdir(tmp_path)
+    namespace = {}                                      # later blocks continue earlier ones
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "runs" / "readme.pt").is_file()
+    assert (tmp_path / "runs" / "readme.ivfpq").is_file()
 
 
 def test_ci_runs_the_readme_test_command():
