@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .encode import DEFAULT_MAX_BYTES, encode
+from .distributed import Workers
 from .errors import ConfigError, InputError, NotTrainedError
 from .ivf import check_centroids
 from .model import PRESETS, ModelConfig, QincoModel
@@ -97,7 +98,7 @@ class QincoCodec:
     # ------------------------------------------------------------------ training
     def train(self, x_train: np.ndarray, x_val: np.ndarray | None = None, *, mse_scale: float = 1.0,
               output=None, resume: bool = False, init_model=None, ivf_centroids: np.ndarray | None = None,
-              progress: bool = True) -> "QincoCodec":
+              progress: bool = True, workers: Workers = Workers()) -> "QincoCodec":
         """Train on ``x_train`` (rows may be uint8 or float; memory-mapped arrays are read batch
         by batch). Without ``x_val`` the last min(10 000, N/10) rows are held out for validation.
 
@@ -105,6 +106,7 @@ class QincoCodec:
         improves; with ``resume=True`` an existing ``output`` is continued.
         ``init_model``: a model file to continue training from (its weights, fresh optimizer).
         ``ivf_centroids``: raw-space ``(C, D)`` table used as a frozen first step (IVF model).
+        ``workers``: the data-parallel processes of a launched job (:mod:`qinco2.distributed`).
         """
         x_train = self._check_vectors(x_train, "x_train")
         if x_val is None:
@@ -119,7 +121,7 @@ class QincoCodec:
         torch.manual_seed(self.train_config.seed)
         resume_payload = self._prepare_model(x_train, output, resume, init_model, ivf_centroids)
         self.train_state_ = fit(self.model_, self.train_config, x_train, x_val, mse_scale=mse_scale,
-                                output=output, resume=resume_payload, progress=progress)
+                                output=output, resume=resume_payload, progress=progress, workers=workers)
         return self
 
     def _prepare_model(self, x_train, output, resume, init_model, ivf_centroids) -> dict | None:

@@ -6,16 +6,19 @@ columns 1..M the step codes), the code sizes ``K``, ``M``, ``D``, ``ivf_K`` (0 w
 and ``model_sha``: a short digest of the model's weights, so that later stages can check that
 codes and model belong together.
 
-:func:`encode_to_npz` encodes chunk by chunk into a temporary int32 ``.npy`` memory map next
-to the output, then writes the ``.npz`` atomically (temporary file, then rename) and removes
-the map: peak disk use is about twice the codes' size, memory use one chunk.
+:func:`encode_to_npz` encodes shard by shard (split over the processes of a launched job),
+each shard written with a checksum so that a killed job resumes where it stopped, then merges
+the shards into the ``.npz`` atomically (temporary file, then rename): peak disk use is about
+three times the codes' size, memory use one chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,12 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import QincoCodec
+from .distributed import Workers
 from .errors import DatasetError, InputError
 from .formats import _atomic_open
 
 log = logging.getLogger(__name__)
 
 SIZE_KEYS = ("K", "M", "D", "ivf_K")
+SHARD_ROWS = 65_536     # rows per restartable shard of an encoding job
 ENCODE_HINT = "produce it with `qinco2 task=encode model=<model.pt> db=<vectors> output={path}`"
 
 
@@ -56,41 +61,122 @@ def _parts(x, D: int) -> list[np.ndarray]:
     return parts
 
 
+def _rows(parts: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows ``start..stop`` of the parts laid end to end, as a float32 array."""
+    out, offset = [], 0
+    for p in parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(p))
+        if lo < hi:
+            out.append(np.asarray(p[lo:hi], dtype=np.float32))
+        offset += len(p)
+    return np.concatenate(out) if len(out) > 1 else np.array(out[0], dtype=np.float32)
+
+
+def _fingerprint(parts: list[np.ndarray], n: int, samples: int = 64) -> str:
+    """Digest of ``samples`` rows spread over the input (first and last included): shards
+    of other input data are not reused."""
+    h = hashlib.sha256()
+    for i in sorted(set(np.linspace(0, n - 1, samples).astype(int).tolist())) if n else []:
+        h.update(_rows(parts, i, i + 1).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_done(shard: Path) -> bool:
+    """A shard file whose checksum file matches it (a shard cut short by a kill has none)."""
+    check = shard.with_suffix(".sha256")
+    return shard.is_file() and check.is_file() and check.read_text().strip() == _sha256(shard)
+
+
+def _write_shard(shard: Path, codes: np.ndarray) -> None:
+    with _atomic_open(shard) as f:
+        np.save(f, codes)
+    with _atomic_open(shard.with_suffix(".sha256")) as f:
+        f.write(_sha256(shard).encode())
+
+
+def _prepare_parts(work: Path, job: dict, workers: Workers) -> None:
+    """The shard folder of this job; shards of a different job (other input, model or beam)
+    are deleted. Rank 0 prepares it, the others wait."""
+    if workers.is_main:
+        spec = work / "job.json"
+        if work.is_dir() and (not spec.is_file() or json.loads(spec.read_text()) != job):
+            log.warning("%s holds shards of another encoding job: starting over", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if not spec.is_file():
+            with _atomic_open(spec) as f:
+                f.write(json.dumps(job).encode())
+    workers.barrier()
+
+
 def encode_to_npz(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: bool = True,
-                  A: int | None = None, B: int | None = None) -> dict:
+                  A: int | None = None, B: int | None = None, shard_rows: int = SHARD_ROWS,
+                  workers: Workers = Workers()) -> dict:
     """Encode ``x`` (an ``(N, D)`` array, or a list of arrays encoded one after the other) to
     the codes file ``path`` (``.npz``), ``batch`` rows at a time; ``A``/``B`` override the
-    model's beam. Returns the file's sizes, ``model_sha`` and the codes' ``shape``."""
+    model's beam. Returns the file's sizes, ``model_sha`` and the codes' ``shape``.
+
+    The rows are cut into shards of ``shard_rows``; shard ``i`` is encoded by process
+    ``i % world_size`` and written, with its checksum, to the folder ``.<name>.parts`` beside
+    ``path``. Run again after a crash or kill, the same call skips the shards already written
+    and checked; rank 0 then merges them in order into ``path`` and removes the folder."""
     cfg = codec._model().cfg
     parts = _parts(x, cfg.D)
     path = Path(path)
     if path.suffix != ".npz":
         raise InputError(f"the codes file must end in .npz, got {path}")
+    if shard_rows < 1:
+        raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
     path.parent.mkdir(parents=True, exist_ok=True)
     n = sum(len(p) for p in parts)
     meta = {"K": cfg.K, "M": cfg.M, "D": cfg.D, "ivf_K": cfg.ivf_K, "model_sha": model_sha(codec)}
+    work = path.parent / f".{path.name}.parts"
+    _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B,
+                          "data": _fingerprint(parts, n)}, workers)
+    shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
+    with tqdm(total=n, unit="vec", desc=f"encode {path.name}", disable=not (progress and workers.is_main)) as bar:
+        for i in shards:
+            lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
+            shard = work / f"shard-{i:07d}.npy"
+            if not _shard_done(shard):
+                codes = np.concatenate([codec.encode(_rows(parts, a, min(a + batch, hi)), A=A, B=B, batch_size=batch)
+                                        for a in range(lo, hi, batch)])
+                _write_shard(shard, codes)
+            bar.update((hi - lo) * workers.world_size)
+    workers.barrier()
+    if workers.is_main:
+        _merge_shards(work, path, n, codec.n_codes, shard_rows, meta)
+    workers.barrier()
+    log.info("wrote codes (%d, %d) to %s", n, codec.n_codes, path)
+    return {**meta, "shape": [n, codec.n_codes]}
+
+
+def _merge_shards(work: Path, path: Path, n: int, n_codes: int, shard_rows: int, meta: dict) -> None:
+    """Concatenate the checked shards into the ``.npz`` (through a temporary memory map)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".codes.npy", dir=path.parent)
     os.close(fd)
     try:
-        codes_NM = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
-                                             shape=(n, codec.n_codes))
-        with tqdm(total=n, unit="vec", desc=f"encode {path.name}", disable=not progress) as bar:
-            start = 0
-            for part in parts:
-                for i in range(0, len(part), batch):
-                    x_ND = np.array(part[i:i + batch], dtype=np.float32)  # writable copy for torch
-                    codes = codec.encode(x_ND, A=A, B=B, batch_size=batch)
-                    codes_NM[start:start + len(x_ND)] = codes
-                    start += len(x_ND)
-                    bar.update(len(x_ND))
+        codes_NM = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, n_codes))
+        for i in range(-(-n // shard_rows)):
+            shard = work / f"shard-{i:07d}.npy"
+            if not _shard_done(shard):
+                raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
+            codes_NM[i * shard_rows:(i + 1) * shard_rows] = np.load(shard)
         codes_NM.flush()
-        with _atomic_open(path) as f:  # np.savez streams a memory map in 16 MiB pieces
+        with _atomic_open(path) as f:          # np.savez streams a memory map in 16 MiB pieces
             np.savez(f, codes=codes_NM, **meta)
         del codes_NM
     finally:
         Path(tmp).unlink(missing_ok=True)
-    log.info("wrote codes (%d, %d) to %s", n, codec.n_codes, path)
-    return {**meta, "shape": [n, codec.n_codes]}
+    shutil.rmtree(work)
 
 
 def load_encoded(path, *, require_ivf: bool = False) -> dict:

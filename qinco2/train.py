@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
-from .datasets import epoch_batches
+from .datasets import epoch_batches, epoch_length
+from .distributed import Workers
 from .encode import encode
 from .errors import ConfigError
 from .model import QincoModel
@@ -140,16 +141,20 @@ def make_optimizer(model: QincoModel, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @torch.no_grad()
 def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_scale: float,
-                   batch: int = 4096) -> float:
-    """Raw-space MSE (sum over dims, mean over vectors) times ``mse_scale``."""
+                   batch: int = 4096, workers: Workers = Workers()) -> float:
+    """Raw-space MSE (sum over dims, mean over vectors) times ``mse_scale``; with several
+    processes each takes a contiguous share of the rows and the sums are reduced."""
     device = model.mean.device
+    share = -(-len(x_val) // workers.world_size)
+    lo, hi = workers.rank * share, min(len(x_val), (workers.rank + 1) * share)
     total, n = 0.0, 0
-    for i in range(0, len(x_val), batch):
-        x = torch.as_tensor(np.asarray(x_val[i:i + batch], dtype=np.float32), device=device)
+    for i in range(lo, hi, batch):
+        x = torch.as_tensor(np.asarray(x_val[i:min(i + batch, hi)], dtype=np.float32), device=device)
         _, xhat = encode(model, model.normalize(x), A=A, B=B)
-        total += ((model.denormalize(xhat) - x) ** 2).sum().item()
+        total += ((model.denormalize(xhat) - x) ** 2).sum(dtype=torch.float64).item()
         n += len(x)
-    return total / max(n, 1) * mse_scale
+    sums = workers.all_reduce_(torch.tensor([total, n], dtype=torch.float64, device=device))
+    return float(sums[0] / max(float(sums[1]), 1.0)) * mse_scale
 
 
 # ----------------------------------------------------------------------------- codeword reset
@@ -206,29 +211,39 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
-def _lr_for(cfg: TrainConfig, t: float, deadline: float | None) -> float | None:
+def _lr_for(cfg: TrainConfig, t: float, spent: float | None) -> float | None:
     """Learning rate at fractional epoch ``t``; with ``time_schedule`` the position in the
-    schedule is the share of the time budget spent, scaled to ``ramp_epochs + epochs``."""
+    schedule is ``spent``, the share of the time budget used, scaled to ``ramp_epochs + epochs``."""
     if cfg.scheduler != "cosine":
         return None
-    if cfg.time_schedule and deadline is not None:
-        spent = 1.0 - (deadline - time.monotonic()) / cfg.max_time_s
+    if cfg.time_schedule and spent is not None:
         t = (cfg.ramp_epochs + cfg.epochs) * min(max(spent, 0.0), 1.0)
     return cfg.lr * cosine_factor(t, cfg)
 
 
+def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, device) -> float | None:
+    """Share of the time budget used, the largest over the processes (so that all of them
+    follow one schedule and stop at the same step); None without a budget."""
+    if deadline is None:
+        return None
+    spent = torch.tensor([1.0 - (deadline - time.monotonic()) / cfg.max_time_s], device=device)
+    return float(workers.all_reduce_(spent, "max")[0])
+
+
 def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scaler, bar, deadline,
-                 writer) -> tuple[float, list, bool]:
-    """One epoch of two-pass steps; returns (mean loss, code usage per step, out_of_time)."""
+                 writer, workers: Workers) -> tuple[float, list, bool]:
+    """One epoch of two-pass steps on this process's batches; gradients are averaged over
+    the processes. Returns (mean loss, code usage per step, out_of_time)."""
     device = model.mean.device
     mcfg = model.cfg
     rng = np.random.default_rng([cfg.seed, state.epoch])
     n_batches = bar.total
     usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
     use_amp = cfg.amp and device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
     losses, out_of_time = [], False
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
-                            full_pass=cfg.full_epochs)
+                            full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):
         u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
         codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
@@ -239,11 +254,13 @@ def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scale
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             loss_rec, loss_pre = model.losses(u, codes)
         scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
+        spent = _time_spent(cfg, deadline, workers, device)
         if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
-            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches, deadline)
+            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent)
             if lr is not None:
                 for g in opt.param_groups:
                     g["lr"] = lr
+            workers.mean_grads_(params)
             scaler.unscale_(opt)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
@@ -258,10 +275,24 @@ def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scale
             writer.add_scalar("train/loss_rec", loss_rec.item(), state.step)
             writer.add_scalar("train/loss_pre", loss_pre.item(), state.step)
             writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state.step)
-        if deadline is not None and time.monotonic() > deadline:
+        if spent is not None and spent >= 1.0:
             out_of_time = True
             break
-    return float(np.mean(losses)) if losses else math.nan, usage, out_of_time
+    _reduce_epoch_statistics(model, usage, workers)
+    loss = workers.all_reduce_(torch.tensor([float(np.mean(losses)) if losses else math.nan], device=device), "mean")
+    return float(loss[0]), usage, out_of_time
+
+
+def _reduce_epoch_statistics(model: QincoModel, usage: list, workers: Workers) -> None:
+    """Code usage summed and running residual statistics averaged over the processes, so
+    that every process resets the same codewords to the same values."""
+    if not workers.distributed:
+        return
+    for step, used in zip(model.steps, usage):
+        if used is not None:
+            workers.all_reduce_(used, "sum")
+            workers.all_reduce_(step.running_mean, "mean")
+            workers.all_reduce_(step.running_std, "mean")
 
 
 def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bool:
@@ -274,12 +305,16 @@ def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bo
 
 def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
         mse_scale: float = 1.0, output=None, resume: dict | None = None,
-        progress: bool = True) -> TrainState:
-    """Train ``model`` in place; the best model (by validation MSE) is loaded at the end and,
-    when ``output`` is given, written there atomically each time it improves.
+        progress: bool = True, workers: Workers = Workers()) -> TrainState:
+    """Train ``model`` in place; the best model (by validation MSE) is loaded at the end.
 
-    ``model`` must already be initialised (:func:`initialize`) unless ``resume`` holds the
-    ``training`` part of a checkpoint, whose optimizer and counters are then restored.
+    ``output``: after every epoch, the best weights so far and the full state of the run (the
+    current weights, optimizer, schedule, counters) are written there atomically, so that a
+    killed run continues with ``resume`` = the file's ``training`` part from the end of its
+    last epoch; all randomness is derived from ``cfg.seed`` and the epoch number.
+    ``model`` must already be initialised (:func:`initialize`) unless resuming.
+    ``workers``: data-parallel processes (each runs its share of every epoch's batches;
+    gradients, statistics and validation are reduced; only rank 0 writes and logs).
     """
     device = model.mean.device
     opt = make_optimizer(model, cfg)
@@ -287,49 +322,59 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         opt, factor=0.1, patience=10, threshold=1e-10, min_lr=cfg.lr * 1e-2) if cfg.scheduler == "plateau" else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     state = TrainState()
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume is not None:
         state = TrainState(**resume["state"])
         opt.load_state_dict(resume["optimizer"])
         if plateau is not None and resume.get("plateau"):
             plateau.load_state_dict(resume["plateau"])
-    writer = _tensorboard_writer(cfg.tensorboard)
+        if resume.get("current_state_dict") is not None:     # weights at the end of the last epoch
+            model.load_state_dict(resume["current_state_dict"])
+    else:
+        workers.broadcast_module_(model)                       # one initialisation for all
+        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    writer = _tensorboard_writer(cfg.tensorboard) if workers.is_main else None
     mcfg = model.cfg
     if state.init_mse is None:
-        state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale)
-        log.info("validation MSE after initialisation: %.6g", state.init_mse)
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
+        _info(workers, "validation MSE after initialisation: %.6g", state.init_mse)
     start = time.monotonic() - state.elapsed_s
     deadline = start + cfg.max_time_s if cfg.max_time_s else None
-    n_batches = _batches_per_epoch(len(x_train), cfg)
+    n_batches = epoch_length(len(x_train), cfg.loop, cfg.batch, world_size=workers.world_size,
+                             full_pass=cfg.full_epochs)
+    if n_batches == 0:
+        raise ConfigError(f"an epoch of {min(len(x_train), cfg.loop)} rows in batches of {cfg.batch} gives no "
+                          f"batch to each of {workers.world_size} processes; lower batch or use fewer processes")
     while True:
-        lr0 = _lr_for(cfg, state.epoch, deadline)
+        lr0 = _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, device))
         if lr0 is not None:
             for g in opt.param_groups:
                 g["lr"] = lr0
-        with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not progress, leave=False) as bar:
-            loss, usage, out_of_time = _train_epoch(model, cfg, x_train, state, opt, scaler, bar, deadline, writer)
-        val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale)
+        with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not (progress and workers.is_main),
+                  leave=False) as bar:
+            loss, usage, out_of_time = _train_epoch(model, cfg, x_train, state, opt, scaler, bar, deadline,
+                                                    writer, workers)
+        val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         epoch = state.epoch
         state.epoch += 1
         state.elapsed_s = time.monotonic() - start
-        improved = val < state.best_mse - 1e-6
-        if improved:
+        if val < state.best_mse - 1e-6:
             state.best_mse, state.best_epoch = val, epoch
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if output is not None:
-                save_checkpoint(output, mcfg.to_dict(), model.state_dict(),
-                                _training_payload(cfg, state, opt, plateau))
         if plateau is not None:
             plateau.step(val)
         resets = []
         if cfg.codeword_reset:
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             resets = reset_unused_codewords(model, usage, cfg.init_noise, gen)
-        record = dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
-                      lr=opt.param_groups[0]["lr"], resets=resets, elapsed_s=round(state.elapsed_s, 2))
-        state.history.append(record)
-        log.info("epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
-                 state.best_mse, sum(resets))
+        state.history.append(dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
+                                  lr=opt.param_groups[0]["lr"], resets=resets,
+                                  elapsed_s=round(state.elapsed_s, 2)))
+        if output is not None and workers.is_main:
+            save_checkpoint(output, mcfg.to_dict(), best_weights,
+                            _training_payload(cfg, state, opt, plateau, model.state_dict()))
+        _info(workers, "epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
+              state.best_mse, sum(resets))
         if writer is not None:
             writer.add_scalar("val/mse", val, epoch)
         if out_of_time or _should_stop(cfg, state, epoch):
@@ -337,17 +382,19 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     model.load_state_dict(best_weights)
     if writer is not None:
         writer.close()
+    workers.barrier()                                          # the file is complete for everyone
     return state
 
 
-def _batches_per_epoch(n_train: int, cfg: TrainConfig) -> int:
-    n = n_train if (cfg.full_epochs or n_train <= cfg.loop) else cfg.loop
-    return max(1, math.ceil(n / cfg.batch))
+def _info(workers: Workers, msg: str, *args) -> None:
+    if workers.is_main:
+        log.info(msg, *args)
 
 
-def _training_payload(cfg: TrainConfig, state: TrainState, opt, plateau) -> dict:
+def _training_payload(cfg: TrainConfig, state: TrainState, opt, plateau, current: dict) -> dict:
     return {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
-            "optimizer": opt.state_dict(), "plateau": plateau.state_dict() if plateau else None}
+            "optimizer": opt.state_dict(), "plateau": plateau.state_dict() if plateau else None,
+            "current_state_dict": current}
 
 
 def _tensorboard_writer(logdir: str | None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -101,7 +103,8 @@ def test_encode_errors_leave_no_file(make_model, x, tmp_path):
     bad[700, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
         encode_to_npz(codec, bad, tmp_path / "codes.npz", batch=300, progress=False)
-    assert _files(tmp_path) == []
+    assert _files(tmp_path) == [".codes.npz.parts"]         # shards kept for a resumed run
+    shutil.rmtree(tmp_path / ".codes.npz.parts")
     with pytest.raises(InputError, match="dimension 5"):
         encode_to_npz(codec, x[:, :5], tmp_path / "codes.npz", progress=False)
     with pytest.raises(InputError, match=".npz"):
@@ -120,3 +123,46 @@ def test_cli_encode_writes_the_model_sha(make_model, x, tmp_path, capsys):
     z = load_encoded(out, require_ivf=True)
     assert z["model_sha"] == model_sha(codec)
     np.testing.assert_array_equal(z["codes"], codec.encode(x[:500]))
+
+
+def _dies_after(codec, n_calls: int):
+    """``codec.encode`` that raises KeyboardInterrupt (a kill) on call ``n_calls + 1``."""
+    encode, calls = codec.encode, []
+
+    def encode_or_die(*args, **kwargs):
+        if len(calls) == n_calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return encode(*args, **kwargs)
+    return encode_or_die
+
+
+def test_a_killed_encoding_resumes_to_the_same_file(make_model, x, tmp_path, monkeypatch):
+    codec = _codec(make_model)
+    data, encode = x[:1000], codec.encode
+    encode_to_npz(codec, data, tmp_path / "ref.npz", batch=100, shard_rows=100, progress=False)
+    monkeypatch.setattr(codec, "encode", _dies_after(codec, 3))     # killed while encoding shard 3
+    with pytest.raises(KeyboardInterrupt):
+        encode_to_npz(codec, data, tmp_path / "out.npz", batch=100, shard_rows=100, progress=False)
+    parts = tmp_path / ".out.npz.parts"
+    assert sorted(p.name for p in parts.glob("shard-*.npy")) == [f"shard-{i:07d}.npy" for i in range(3)]
+    (parts / "shard-0000002.npy").write_bytes(b"cut short")      # a shard whose checksum fails
+    calls = []
+    monkeypatch.setattr(codec, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    encode_to_npz(codec, data, tmp_path / "out.npz", batch=100, shard_rows=100, progress=False)
+    assert len(calls) == 8                       # shards 0 and 1 were kept, 2..9 encoded
+    assert not parts.exists()
+    ref, out = load_encoded(tmp_path / "ref.npz"), load_encoded(tmp_path / "out.npz")
+    assert out["codes"].tobytes() == ref["codes"].tobytes() and out["model_sha"] == ref["model_sha"]
+    assert (tmp_path / "out.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
+
+
+def test_shards_of_other_data_are_not_reused(make_model, x, tmp_path, monkeypatch):
+    codec = _codec(make_model)
+    encode = codec.encode
+    monkeypatch.setattr(codec, "encode", _dies_after(codec, 2))
+    with pytest.raises(KeyboardInterrupt):
+        encode_to_npz(codec, x[:500], tmp_path / "out.npz", batch=100, shard_rows=100, progress=False)
+    monkeypatch.setattr(codec, "encode", encode)
+    encode_to_npz(codec, x[500:1000], tmp_path / "out.npz", batch=100, shard_rows=100, progress=False)
+    np.testing.assert_array_equal(load_encoded(tmp_path / "out.npz")["codes"], codec.encode(x[500:1000]))

@@ -9,6 +9,8 @@ import os
 import faiss
 import numpy as np
 import pytest
+
+from qinco2.distributed import Workers
 import torch
 
 from qinco2.checkpoint import atomic_torch_save, load_checkpoint
@@ -268,10 +270,14 @@ def test_time_schedule_follows_the_share_of_the_budget(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
     deadline = 1100.0
-    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(cfg.lr_min_factor)
+
+    def lr():
+        return train_module._lr_for(cfg, 0.0, train_module._time_spent(cfg, deadline, Workers(), "cpu"))
+
+    assert lr() == pytest.approx(cfg.lr_min_factor)
     now[0] = 1000.0 + 100.0 * 1 / 12     # one epoch-equivalent into the 12 of the schedule
-    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(0.5)
+    assert lr() == pytest.approx(0.5)
     now[0] = 1100.0                      # budget spent: the cosine has reached its floor
-    assert train_module._lr_for(cfg, 0.0, deadline) == pytest.approx(cfg.lr_min_factor)
+    assert lr() == pytest.approx(cfg.lr_min_factor)
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(time_schedule=True).validated()

@@ -1,0 +1,79 @@
+"""Data-parallel processes: who am I, and the few collective operations training and
+encoding need, over accelerate's process state.
+
+Launch with ``scripts/launch.sh -n 2 task=...`` (``torchrun`` on CPUs, ``accelerate launch``
+on GPUs) or any launcher that sets ``RANK``/``WORLD_SIZE``; a plain ``python`` run is one
+process and every operation here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Rank and number of the cooperating processes (``world_size == 1``: alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, cpu: bool = False) -> tuple["Workers", torch.device]:
+        """The processes started by the launcher and this process's device (one process and
+        None when not launched: the caller picks the device)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(), None
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        if not torch.distributed.is_initialized():
+            raise ConfigError("WORLD_SIZE > 1 but no process group could be set up; launch with "
+                              "scripts/launch.sh, torchrun or accelerate launch")
+        return cls(state.process_index, state.num_processes), state.device
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place sum / max / mean of ``t`` over the processes."""
+        if self.distributed:
+            red = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,
+                   "max": torch.distributed.ReduceOp.MAX}[op]
+            torch.distributed.all_reduce(t, red)
+            if op == "mean":
+                t /= self.world_size
+        return t
+
+    def mean_grads_(self, params) -> None:
+        """Average the gradients of ``params`` over the processes (one flat all-reduce)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.all_reduce_(flat, "mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_module_(self, module: torch.nn.Module) -> None:
+        """Give every process rank 0's parameters and buffers."""
+        if self.distributed:
+            for t in module.state_dict().values():
+                torch.distributed.broadcast(t, 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
