@@ -62,6 +62,7 @@ class CliArgs:
     encoded_trainset: Optional[str] = None
     encoded_db: Optional[str] = None
     encode_trainset: bool = False
+    shard_rows: int = 65_536
     index: Optional[str] = None
     pairwise_decoder: Optional[str] = None
     n_pairs_per_step: float = 2
@@ -166,7 +167,18 @@ def _setup(args: CliArgs) -> str:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+    from .distributed import Workers
+
+    _, launched_device = Workers.from_environment(cpu=args.cpu)     # a launched job: this rank's device
+    if launched_device is not None:
+        return str(launched_device)
     return "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+
+
+def _workers(args: CliArgs):
+    from .distributed import Workers
+
+    return Workers.from_environment(cpu=args.cpu)[0]
 
 
 def _require(args: CliArgs, key: str, what: str) -> str:
@@ -259,13 +271,14 @@ def task_train(args: CliArgs, given: set[str], device: str) -> dict:
     log.info("training %s on %s: %d training and %d validation vectors of D=%d, device %s",
              preset, ds.name, len(x_train), len(x_val), x_train.shape[1], device)
     codec.train(x_train, x_val, mse_scale=ds.mse_scale, output=output, resume=args.resume,
-                init_model=args.model, ivf_centroids=ivf, progress=args.verbose)
+                init_model=args.model, ivf_centroids=ivf, progress=args.verbose, workers=_workers(args))
     state, cfg = codec.train_state_, codec.model_.cfg
     result = {"task": "train", "output": output, "dataset": ds.name, "D": cfg.D, "M": cfg.M,
               "K": cfg.K, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
               "init_val_mse": state.init_mse, "val_mse": state.best_mse,
               "train_s": round(state.elapsed_s, 1)}
-    print_table([[k, v] for k, v in result.items() if k != "task"])
+    if _workers_rank() == 0:
+        print_table([[k, v] for k, v in result.items() if k != "task"])
     return result
 
 
@@ -366,9 +379,11 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
     ds = _dataset(args)
     limits = _limits(args)
     parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
-    r = encode_to_npz(codec, parts, output, progress=args.verbose)
+    r = encode_to_npz(codec, parts, output, progress=args.verbose, shard_rows=args.shard_rows,
+                      workers=_workers(args))
     what = "training set (training then validation rows)" if args.encode_trainset else "database"
-    print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")
+    if _workers_rank() == 0:
+        print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")
     return {"task": "encode", "output": output, "dataset": ds.name, "split": what,
             "shape": r["shape"], "model_sha": r["model_sha"]}
 
@@ -473,5 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    _print_result(result)
+    if _workers_rank() == 0:                  # one report per launched job
+        _print_result(result)
     return 0
+
+
+def _workers_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
