@@ -9,7 +9,7 @@ fraction of the 10 true neighbours found, cuVS's "recall"), R@1 / R@10 (the true
 neighbour among the first 1 / 10), queries per second (median of ``--repeats`` timed runs
 after a warm-up) and the bytes per vector.
 
-    python benchmarks/bench_ivfpq.py --pq-dims 16 32 64 --qinco-model runs/bench/qinco2-sift-photos-16x8.pt
+    python benchmarks/bench_ivfpq.py --pq-dims 16 32 64 --qinco-models runs/bench/qinco2-sift-photos-16x8.pt
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--probes", type=int, nargs="+", default=list(PROBES))
     p.add_argument("--refine-ratios", type=float, nargs="+", default=[2, 4])
-    p.add_argument("--qinco-model", default=None, help="QINCo2 model whose codes re-rank the pq_dim of --qinco-pq-dim")
+    p.add_argument("--qinco-models", nargs="+", default=[],
+                   help="QINCo2 models (PATH or PATH:A:B) whose codes re-rank the index of --qinco-pq-dim")
     p.add_argument("--qinco-pq-dim", type=int, default=16)
-    p.add_argument("--qinco-AB", type=int, nargs=2, default=(8, 4))
+    p.add_argument("--qinco-AB", type=int, nargs=2, default=(8, 4), help="default encoding beam of the models")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/ivfpq_bench")
@@ -106,10 +107,15 @@ def main() -> None:
               f"{row[f'{args.k}-recall@{args.k}']:.4f}  R@1 {row['R@1']:.3f}  {row['qps']:9.0f} QPS  "
               f"{row['bytes_per_vector']:.0f} B/vec", flush=True)
 
-    codec = codes = None
-    if args.qinco_model:
-        codec, codes, enc_s = qinco_codes(args.qinco_model, xb, work, *args.qinco_AB)
-        print(f"QINCo2 codes {codes.shape} ({enc_s:.0f} s to encode)")
+    refiners = []
+    for spec in args.qinco_models:
+        model, *ab = spec.split(":")
+        A, B = map(int, ab) if ab else args.qinco_AB
+        codec, codes, enc_s = qinco_codes(model, xb, work, A, B)
+        cfg = codec.model_config                 # bytes: 8-bit step codes, the IVF id in whole bytes
+        nbytes = cfg.M * -(-int(np.log2(cfg.K)) // 8) + (-(-int(np.ceil(np.log2(cfg.ivf_K))) // 8) if cfg.ivf_K else 0)
+        refiners.append((model, codec, codes, nbytes, [A, B]))
+        print(f"QINCo2 codes {codes.shape} of {model}: {nbytes} bytes per vector ({enc_s:.0f} s to encode)")
     for pq_dim in args.pq_dims:
         params = ivfpq.IndexParams(n_lists=args.n_lists, pq_dim=pq_dim, pq_bits=8,
                                    kmeans_n_iters=args.kmeans_n_iters, conservative_memory_allocation=True)
@@ -139,14 +145,14 @@ def main() -> None:
                       "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "qps": len(xq) / t,
                       "bytes_per_vector": code_bytes, "host_bytes_per_vector": 4 * xb.shape[1],
                       **quality(ids, gt, args.k)})
-                if codec is None or pq_dim != args.qinco_pq_dim:
-                    continue
-                (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
-                    sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes), args.repeats)
-                emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + QINCo2 {codes.shape[1]}B x{ratio:g}",
-                      "impl": "ours+qinco2", "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio,
-                      "qinco_model": args.qinco_model, "qinco_AB": list(args.qinco_AB), "qps": len(xq) / t,
-                      "bytes_per_vector": code_bytes + codes.shape[1], **quality(ids, gt, args.k)})
+                for model, codec, codes, nbytes, ab in refiners if pq_dim == args.qinco_pq_dim else []:
+                    (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
+                        sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes), args.repeats)
+                    kind = "IVF-QINCo2" if codec.model_config.ivf_K else "QINCo2"
+                    emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + {kind} {nbytes}B x{ratio:g}",
+                          "impl": "ours+qinco2", "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio,
+                          "qinco_model": model, "qinco_AB": ab, "qps": len(xq) / t,
+                          "bytes_per_vector": code_bytes + nbytes, **quality(ids, gt, args.k)})
 
 
 if __name__ == "__main__":
