@@ -73,14 +73,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="sift-photos")
     p.add_argument("--n-lists", type=int, default=1024)
-    p.add_argument("--pq-dims", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--pq-dims", type=int, nargs="+", default=[8, 16, 24, 32, 64])
     p.add_argument("--kmeans-n-iters", type=int, default=20)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--probes", type=int, nargs="+", default=list(PROBES))
     p.add_argument("--refine-ratios", type=float, nargs="+", default=[2, 4])
     p.add_argument("--qinco-models", nargs="+", default=[],
-                   help="QINCo2 models (PATH or PATH:A:B) whose codes re-rank the index of --qinco-pq-dim")
-    p.add_argument("--qinco-pq-dim", type=int, default=16)
+                   help="QINCo2 models (PATH or PATH:A:B) whose codes re-rank the indexes of --qinco-pq-dims")
+    p.add_argument("--qinco-pq-dims", type=int, nargs="+", default=[8, 16],
+                   help="pq_dim of the indexes re-ranked with the QINCo2 codes")
     p.add_argument("--qinco-AB", type=int, nargs=2, default=(8, 4), help="default encoding beam of the models")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -145,7 +146,7 @@ def main() -> None:
                       "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "qps": len(xq) / t,
                       "bytes_per_vector": code_bytes, "host_bytes_per_vector": 4 * xb.shape[1],
                       **quality(ids, gt, args.k)})
-                for model, codec, codes, nbytes, ab in refiners if pq_dim == args.qinco_pq_dim else []:
+                for model, codec, codes, nbytes, ab in refiners if pq_dim in args.qinco_pq_dims else []:
                     (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
                         sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes), args.repeats)
                     kind = "IVF-QINCo2" if codec.model_config.ivf_K else "QINCo2"

@@ -20,7 +20,8 @@ from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bit float entries
 FP16_SUM_MAX = 60_000.0                                  # below float16's largest finite 65504
-BLOCK_ROWS = 8192    # vectors decoded at a time: temporaries small enough for malloc to reuse
+BLOCK_ROWS = 2048    # vectors decoded at a time: temporaries small enough for malloc to reuse
+GROUP_COST = 6e6      # fixed cost of one list group's operations, in multiply-adds (tuned on 2 CPU threads)
 
 
 def _table_scores(index: Index, p: SearchParams, q_rot, pair_const, l: int, codes_nS: torch.Tensor):
@@ -92,11 +93,28 @@ def _row_terms(index: Index, r_nR: torch.Tensor, lists_n: torch.Tensor) -> torch
     return ((r_nR + 2 * index.centers_rot[lists_n]) * r_nR).sum(1)
 
 
+def _groups(sizes: list[int], target_rows: float) -> list[tuple[int, int]]:
+    """Runs ``(first, stop)`` of consecutive lists holding about ``target_rows`` vectors."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(sizes):
+        rows += n
+        if rows >= target_rows:
+            out.append((start, i + 1))
+            start, rows = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
 def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
-    """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries. The probed lists are
-    unpacked (and, for float32 tables, decoded) ``BLOCK_ROWS`` vectors at a time; each list
-    is scored against all the queries that probe it at once. Float32 table sums are computed
-    as what they equal: dot products of the rotated query with the decoded residuals."""
+    """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries.
+
+    The probed lists are unpacked (and, for float32 tables, decoded) ``BLOCK_ROWS`` vectors at
+    a time. Float32 table sums are computed as what they equal: dot products of the rotated
+    queries with the decoded residuals, one matrix product per group of consecutive lists
+    against all the (query, list) pairs of the group, the products of a query with the rows
+    of lists it does not probe being masked; the group size balances per-group overhead
+    against that waste. Reduced-precision tables are scored list by list."""
     Q, P, dev = len(q_QD), min(p.n_probes, index.n_lists), index.device
     exact = p.lut_dtype == "float32" and p.internal_distance_dtype == "float32"
     coarse = index.coarse_scores(q_QD).topk(P, dim=1, largest=False)
@@ -107,35 +125,42 @@ def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
     pair_const = pair_const.reshape(-1)
     q_rot = index.rotate(q_QD)
     order = torch.argsort(probe, stable=True)                            # pairs grouped by list
-    query_of = order // P
+    query_of, list_of = order // P, probe[order]
     counts = torch.bincount(probe, minlength=index.n_lists).cpu()
     pair_first = (torch.cumsum(counts, 0) - counts).tolist()
     lists_U = torch.nonzero((counts > 0) & (index.lists.size > 0))[:, 0]
-    best = torch.full((Q * P, k), float("inf"), device=dev)
+    n_rows = int(index.lists.size[lists_U].sum())
+    target = (n_rows * GROUP_COST / max(Q * P * 2 * index.rot_dim, 1)) ** 0.5 if exact else 0
+    best = torch.full((Q * P, k), float("inf"), device=dev)             # in list-sorted pair order
     best_ids = torch.full((Q * P, k), -1, dtype=torch.int64, device=dev)
     alpha = -2.0 if index.metric == "sqeuclidean" else -1.0
     for block in _blocks(lists_U, index.lists.size[lists_U]):
         rows, first_U, size_U = _probed_rows(index, block)
         codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
         ids = index.lists.ids[rows]
+        block_lists = block.tolist()
         if exact:
             lists_n = torch.repeat_interleave(block.to(dev), torch.tensor(size_U, device=dev))
             r = index.residuals(codes, lists_n)
-            t = _row_terms(index, r, lists_n)
-        for l, a, n in zip(block.tolist(), first_U, size_U):
-            sel = slice(pair_first[l], pair_first[l] + int(counts[l]))
-            pairs, J = order[sel], query_of[sel]
+        for g0, g1 in _groups(size_U, target):
+            l0, l1 = block_lists[g0], block_lists[g1 - 1]
+            sel = slice(pair_first[l0], pair_first[l1] + int(counts[l1]))
+            a, b = first_U[g0], first_U[g1 - 1] + size_U[g1 - 1]
             if exact:
-                scores = torch.addmm(t[a:a + n][None], q_rot[J], r[a:a + n].T, alpha=alpha)
+                t = _row_terms(index, r[a:b], lists_n[a:b])     # per group: small temporaries
+                scores = torch.addmm(t[None], q_rot[query_of[sel]], r[a:b].T, alpha=alpha)
+                if g1 - g0 > 1:                 # a query is scored only on its own list's rows
+                    scores.masked_fill_(lists_n[a:b][None] != list_of[sel][:, None], float("inf"))
+                scores += pair_const[order[sel]][:, None]
             else:
-                scores = _table_scores(index, p, q_rot[J], pair_const[pairs], l, codes[a:a + n])
-            top = torch.topk(scores, min(k, n), dim=1, largest=False)
-            best[pairs, :top.values.shape[1]] = top.values
-            best_ids[pairs, :top.values.shape[1]] = ids[a:a + n][top.indices]
-    if exact:
-        best += pair_const[:, None]
-    top = torch.topk(best.reshape(Q, P * k), k, dim=1, largest=False)
-    return top.values, best_ids.reshape(Q, P * k).gather(1, top.indices)
+                scores = _table_scores(index, p, q_rot[query_of[sel]], pair_const[order[sel]], l0, codes[a:b])
+            top = torch.topk(scores, min(k, b - a), dim=1, largest=False)
+            best[sel, :top.values.shape[1]] = top.values
+            best_ids[sel, :top.values.shape[1]] = ids[a:b][top.indices]
+    best_ids[torch.isinf(best)] = -1
+    back = torch.argsort(order)                                          # to query-major pair order
+    top = torch.topk(best[back].reshape(Q, P * k), k, dim=1, largest=False)
+    return top.values, best_ids[back].reshape(Q, P * k).gather(1, top.indices)
 
 
 def _batch_size(index: Index, p: SearchParams, k: int, workspace_bytes: int) -> int:
