@@ -46,8 +46,14 @@ def quality(ids, gt, k: int) -> dict:
     return {f"{k}-recall@{k}": neighbor_recall(ids, gt, k), "R@1": r[1], "R@10": r[10]}
 
 
+def faiss_factory(d: int, n_lists: int, pq_dim: int) -> str:
+    """faiss IVF-PQ; a padded random rotation first when ``d % pq_dim`` (as our index does)."""
+    rotation = f"RR{pq_dim * -(-d // pq_dim)}," if d % pq_dim else ""
+    return f"{rotation}IVF{n_lists},PQ{pq_dim}x8"
+
+
 def build_faiss(xb, train_rows, n_lists: int, pq_dim: int, niter: int):
-    index = faiss.index_factory(xb.shape[1], f"IVF{n_lists},PQ{pq_dim}x8")
+    index = faiss.index_factory(xb.shape[1], faiss_factory(xb.shape[1], n_lists, pq_dim))
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.niter = niter
     ivf.pq.cp.niter = niter
@@ -136,7 +142,7 @@ def main() -> None:
                   "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             fp = faiss.SearchParametersIVF(nprobe=n_probes)
             (_, ids), t = timed_median(lambda: ref.search(xq, args.k, params=fp), args.repeats)
-            emit({"index": f"faiss IVF{args.n_lists},PQ{pq_dim}x8", "impl": "faiss", "pq_dim": pq_dim,
+            emit({"index": f"faiss {faiss_factory(xb.shape[1], args.n_lists, pq_dim)}", "impl": "faiss", "pq_dim": pq_dim,
                   "n_probes": n_probes, "qps": len(xq) / t, "build_s": faiss_build,
                   "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             for ratio in args.refine_ratios:

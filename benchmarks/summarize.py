@@ -48,14 +48,19 @@ def ivf_search(rows: list[dict]) -> None:
         print(f"| {index} | {best[index]:.3f} | " + " | ".join(cells) + " |")
 
 
-def ivfpq(rows: list[dict]) -> None:
+def ivfpq(rows: list[dict], probes=(1, 5, 20, 100, 200)) -> None:
+    """One row per index: k-recall@k / queries per second at a few ``n_probes``."""
     k = rows[-1]["k"]
     key = f"{k}-recall@{k}"
     latest = {(r["index"], r["n_probes"]): r for r in rows}
-    print(f"| index | bytes/vector | n_probes | {key} | R@1 | queries/s |")
-    print("|---|---|---|---|---|---|")
-    for (index, n_probes), r in sorted(latest.items(), key=lambda kv: (kv[1]["pq_dim"], kv[0][0], kv[0][1])):
-        print(f"| {index} | {r['bytes_per_vector']} | {n_probes} | {r[key]:.4f} | {r['R@1']:.3f} | {r['qps']:,.0f} |")
+    indexes = sorted({i for i, _ in latest}, key=lambda i: (latest[(i, probes[0])]["pq_dim"],
+                                                             latest[(i, probes[0])]["bytes_per_vector"], i))
+    print(f"| index | bytes/vector | " + " | ".join(f"n_probes={n}" for n in probes) + " |")
+    print("|---|---|" + "---|" * len(probes))
+    for index in indexes:
+        cells = [f"{latest[(index, n)][key]:.3f} / {latest[(index, n)]['qps'] / 1000:.1f}k"
+                 if (index, n) in latest else "" for n in probes]
+        print(f"| {index} | {latest[(index, probes[0])]['bytes_per_vector']} | " + " | ".join(cells) + " |")
 
 
 def main(path: str) -> None:
