@@ -31,12 +31,17 @@ SEARCH_KEYS = ("lut_dtype", "internal_distance_dtype", "preferred_smem_carveout"
 REFINE_KINDS = ("raw", "codec")
 
 
+def _given(args, keys) -> dict:
+    """The keys set on the command line (the others keep the parameter classes' defaults)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
 def task_ivfpq_build(args, given: set[str], device: str) -> dict:
     from . import ivfpq
     from .cli import _dataset, _limits, _require, print_table
 
     output = _require(args, "output", "path of the index file to write, e.g. index.ivfpq")
-    params = ivfpq.IndexParams(**{k: getattr(args, k) for k in INDEX_KEYS if k in given})
+    params = ivfpq.IndexParams(**_given(args, INDEX_KEYS))
     ds = _dataset(args)
     x = ds.database(_limits(args))
     start = time.perf_counter()
@@ -92,10 +97,10 @@ def task_ivfpq_search(args, given: set[str], device: str) -> dict:
     limits = _limits(args)
     queries, gt = ds.query_vectors(), ds.ground_truth()
     refine = _refiner(args, ds, limits, index, device)
-    probes = args.n_probes if isinstance(args.n_probes, list) else [args.n_probes or 20]
+    probes = args.n_probes if isinstance(args.n_probes, list) else [args.n_probes or ivfpq.SearchParams().n_probes]
     rows = []
     for n_probes in probes:
-        sp = ivfpq.SearchParams(n_probes=n_probes, **{k: getattr(args, k) for k in SEARCH_KEYS if k in given})
+        sp = ivfpq.SearchParams(n_probes=n_probes, **_given(args, SEARCH_KEYS))
         start = time.perf_counter()
         if refine is None:
             _, ids = ivfpq.search(sp, index, queries, args.k)
