@@ -55,7 +55,7 @@ def ivfpq(rows: list[dict], probes=(1, 5, 20, 100, 200)) -> None:
     latest = {(r["index"], r["n_probes"]): r for r in rows}
     indexes = sorted({i for i, _ in latest}, key=lambda i: (latest[(i, probes[0])]["pq_dim"],
                                                              latest[(i, probes[0])]["bytes_per_vector"], i))
-    print(f"| index | bytes/vector | " + " | ".join(f"n_probes={n}" for n in probes) + " |")
+    print("| index | bytes/vector | " + " | ".join(f"n_probes={n}" for n in probes) + " |")
     print("|---|---|" + "---|" * len(probes))
     for index in indexes:
         cells = [f"{latest[(index, n)][key]:.3f} / {latest[(index, n)]['qps'] / 1000:.1f}k"

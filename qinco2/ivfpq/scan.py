@@ -1,9 +1,11 @@
-"""IVF-PQ search: coarse probing, look-up tables per (query, list), table sums, top-k; and
-search followed by refinement re-ranking (raw vectors or a QINCo2 codec).
+"""IVF-PQ search: coarse probing, scoring of the probed lists' codes, top-k; and search
+followed by refinement re-ranking (raw vectors or a QINCo2 codec).
 
-Every stage is a batched torch operation, so the same code runs on CPU and CUDA. Queries go
-in batches whose workspace (tables, gathered candidates, per-query padding) stays under
-``workspace_bytes``.
+With float32 tables the sum of a code's table entries equals a dot product of the query
+with the decoded code, so lists are scored by matrix products with their decoded codes;
+reduced-precision tables (``lut_dtype``, ``internal_distance_dtype``) are built and summed in
+the requested types. Every stage is a torch operation, the same code on CPU and CUDA.
+Queries go in batches whose workspace stays under ``workspace_bytes``.
 """
 
 from __future__ import annotations
