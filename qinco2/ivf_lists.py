@@ -5,7 +5,8 @@ first ``size[l]`` are used. With ``conservative=True`` every list holds exactly 
 (each :meth:`InvertedLists.add` rewrites the buffers); otherwise a list that overflows moves
 to the end of the buffer with a power-of-two capacity, the buffer grows by doubling and is
 compacted when more than half of it is holes, so repeated small adds cost amortised O(1) per
-vector. Codes of ``bits`` bits are packed little-endian (code ``s`` at bit ``s * bits``).
+vector; :meth:`InvertedLists.shrink_to_fit` compacts them after a bulk load. Codes of
+``bits`` bits are packed little-endian (code ``s`` at bit ``s * bits``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,11 @@ class InvertedLists:
         codes[dst], ids[dst] = self.codes[src], self.ids[src]
         self.codes, self.ids = codes, ids
         self.start, self.capacity, self.end = start, capacity.clone(), total
+
+    def shrink_to_fit(self) -> None:
+        """Rewrite the buffers with each list's capacity rounded up to ``MIN_CAPACITY`` rows
+        (after a bulk load: an index filled once stays compact)."""
+        self._relayout(-(-self.size // MIN_CAPACITY) * MIN_CAPACITY)
 
     def state_dict(self) -> dict:
         """The used rows only, list after list, with the list sizes."""

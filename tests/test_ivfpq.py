@@ -204,6 +204,7 @@ def test_repeated_extend_equals_one_build(data, conservative):
     x, q = data
     params = dataclasses.replace(SMALL, conservative_memory_allocation=conservative)
     whole = ivfpq.build(params, x)
+    assert N <= len(whole.lists.ids) <= N + 32 * whole.n_lists       # a built index is compact
     ids = 1000 + 3 * np.arange(N, dtype=np.int64)
     grown = ivfpq.build(dataclasses.replace(params, add_data_on_build=False), x)
     assert grown.size == 0

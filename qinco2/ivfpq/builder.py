@@ -86,6 +86,8 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
     del x_train
     if params.add_data_on_build:
         extend(index, dataset, np.arange(N, dtype=np.int64), progress=progress)
+        if not params.conservative_memory_allocation:
+            index.lists.shrink_to_fit()       # the bulk load grew lists by doubling
     return index
 
 
