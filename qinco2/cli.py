@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    from .distributed import shutdown
+
     try:
         result = run(argv)
     except QincoError as exc:
@@ -489,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    shutdown()
     if _workers_rank() == 0:                  # one report per launched job
         _print_result(result)
     return 0

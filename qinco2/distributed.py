@@ -77,3 +77,11 @@ class Workers:
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """End this process's part of a launched job: wait for the others, then tear the process
+    group down (a gloo group left alive at interpreter exit can abort the process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
