@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_open
 from .codec import QincoCodec
 from .distributed import Workers
 from .errors import DatasetError, InputError
-from .formats import _atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ def _shard_done(shard: Path) -> bool:
 
 
 def _write_shard(shard: Path, codes: np.ndarray) -> None:
-    with _atomic_open(shard) as f:
+    with atomic_open(shard) as f:
         np.save(f, codes)
-    with _atomic_open(shard.with_suffix(".sha256")) as f:
+    with atomic_open(shard.with_suffix(".sha256")) as f:
         f.write(_sha256(shard).encode())
 
 
@@ -112,7 +112,7 @@ def _prepare_parts(work: Path, job: dict, workers: Workers) -> None:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         if not spec.is_file():
-            with _atomic_open(spec) as f:
+            with atomic_open(spec) as f:
                 f.write(json.dumps(job).encode())
     workers.barrier()
 
@@ -171,7 +171,7 @@ def _merge_shards(work: Path, path: Path, n: int, n_codes: int, shard_rows: int,
                 raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
             codes_NM[i * shard_rows:(i + 1) * shard_rows] = np.load(shard)
         codes_NM.flush()
-        with _atomic_open(path) as f:          # np.savez streams a memory map in 16 MiB pieces
+        with atomic_open(path) as f:          # np.savez streams a memory map in 16 MiB pieces
             np.savez(f, codes=codes_NM, **meta)
         del codes_NM
     finally:

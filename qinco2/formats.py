@@ -19,20 +19,18 @@ and how to fix it; a bad array or argument passed in raises `InputError`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 from tqdm.auto import tqdm
 
+from qinco2.atomic import atomic_open
 from qinco2.errors import InputError, VectorFileError
 
 logger = logging.getLogger(__name__)
@@ -377,32 +375,13 @@ def _vecs_records(chunk_ND: np.ndarray) -> np.ndarray:
     return records
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``."""
+def _atomic_open(path: Path):
+    """:func:`qinco2.atomic.atomic_open` of a vector file whose folder must exist."""
     if not path.parent.is_dir():
         raise VectorFileError(
             f"cannot write {path}: directory {path.parent} does not exist; create it first."
         )
-    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable; not possible everywhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    return atomic_open(path)
 
 
 def fbin_to_fvecs(

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import faiss
@@ -31,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
+from .atomic import atomic_open, atomic_path
 from .errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
@@ -189,17 +188,6 @@ def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int 
 
 
 # ---------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_index(index: faiss.Index, path, *, model_sha: str | None = None) -> None:
     """Write ``index`` to ``path`` (faiss format) and its sidecar ``<path>.json``, atomically."""
     path = Path(path)
@@ -208,11 +196,10 @@ def save_index(index: faiss.Index, path, *, model_sha: str | None = None) -> Non
             "n_db": int(index.ntotal), "nlist": int(index.nlist), "d": int(index.d),
             "code_size": int(index.code_size)}
 
-    def write_meta(tmp):
-        Path(tmp).write_text(json.dumps(meta, indent=1))
-
-    _atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
-    _atomic_write(sidecar_path(path), write_meta)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
+    with atomic_open(sidecar_path(path)) as f:
+        f.write(json.dumps(meta, indent=1).encode())
 
 
 def load_index(path, model_sha: str | None = None, n_db: int | None = None) -> faiss.Index:

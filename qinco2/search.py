@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_open
 from .errors import ConfigError, InputError
 from .metrics import recall_at
 from .rerank import exact_rerank
@@ -220,14 +220,8 @@ def _environment(threads) -> dict:
 
 def _write_log(path: Path, runs: list[dict], env: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"runs": runs, "environment": env}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(json.dumps({"runs": runs, "environment": env}, indent=1).encode())
 
 
 def load_runs(path) -> list[dict]:
@@ -332,11 +326,5 @@ def plot_pareto(runs_by_label: dict[str, list[dict]], path_png, *, key: str = "R
         ax.set_title(title)
     path = Path(path_png)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
