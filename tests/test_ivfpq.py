@@ -198,6 +198,15 @@ def test_uint8_memmap_is_never_copied_whole_to_float(tmp_path):
     assert peak < n * d * 4 / 2          # a float32 copy: 38 MB; two 4 MB chunks + ids: 13 MB
 
 
+@pytest.mark.parametrize("kind", ["subspace", "cluster"])
+def test_assignment_and_encoding_by_blocks_equal_one_block(data, kind, monkeypatch):
+    x = torch.from_numpy(data[0][:500])
+    idx = ivfpq.build(dataclasses.replace(SMALL, codebook_kind=kind, add_data_on_build=False), data[0])
+    lists, codes = idx.assign(x), idx.encode(x, idx.assign(x))
+    monkeypatch.setattr("qinco2.ivfpq.index.WORK_BYTES", 20_000)      # a few rows per block
+    assert torch.equal(idx.assign(x), lists) and torch.equal(idx.encode(x, lists), codes)
+
+
 # ---------------------------------------------------------------------------- extend, lists, files
 @pytest.mark.parametrize("conservative", [False, True])
 def test_repeated_extend_equals_one_build(data, conservative):

@@ -18,6 +18,7 @@ from .params import IndexParams
 
 INPUT_DTYPES = (np.float32, np.float16, np.int8, np.uint8)
 CHUNK_ROWS = 65_536                    # rows converted to float32 at a time
+WORK_BYTES = 64 << 20                  # temporaries of assignment and encoding, per block of rows
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -108,19 +109,21 @@ class Index:
 
     def assign(self, x_ND: torch.Tensor) -> torch.Tensor:
         """List number ``(N,)`` of each (float, normalised for cosine) row."""
-        return self.coarse_scores(x_ND).argmin(1)
+        return _by_rows(lambda x: self.coarse_scores(x).argmin(1), self.n_lists * 4, x_ND)
 
     def encode(self, x_ND: torch.Tensor, list_nos_N: torch.Tensor) -> torch.Tensor:
         """Packed PQ codes of the rotated residuals ``(N, code_bytes)``."""
-        r_NSL = (self.rotate(x_ND) - self.centers_rot[list_nos_N]).view(len(x_ND), self.pq_dim, self.pq_len)
-        if self.params.codebook_kind == "subspace":
-            _, codes_SN = _nearest_chunked(r_NSL.transpose(0, 1), self.pq_centers)
-            codes_NS = codes_SN.T
-        else:
-            books_NKL = self.pq_centers[list_nos_N]
-            d_NSK = torch.cdist(r_NSL, books_NKL) ** 2
-            codes_NS = d_NSK.argmin(-1)
-        return pack_codes(codes_NS, self.pq_bits)
+        S, L, K = self.pq_dim, self.pq_len, self.pq_book_size
+        subspace = self.params.codebook_kind == "subspace"
+
+        def codes(x, l):
+            r_NSL = (self.rotate(x) - self.centers_rot[l]).view(len(x), S, L)
+            if subspace:
+                return nearest(r_NSL.transpose(0, 1), self.pq_centers)[1].T
+            return (torch.cdist(r_NSL, self.pq_centers[l]) ** 2).argmin(-1)   # one codebook per row's list
+
+        row_bytes = S * K * 4 * (1 if subspace else 2) + (0 if subspace else K * L * 4)
+        return pack_codes(_by_rows(codes, row_bytes, x_ND, list_nos_N), self.pq_bits)
 
     def residuals(self, codes_NS: torch.Tensor, list_nos_N: torch.Tensor) -> torch.Tensor:
         """Decoded rotated residuals ``(N, rot_dim)`` of unpacked codes (int64, on ``device``)."""
@@ -142,6 +145,11 @@ class Index:
         return (x_rot @ self.rotation_matrix).cpu().numpy()
 
 
-def _nearest_chunked(x_GND: torch.Tensor, centroids_GKD: torch.Tensor, rows: int = 8192):
-    out = [nearest(x_GND[:, i:i + rows], centroids_GKD) for i in range(0, x_GND.shape[1], rows)]
-    return torch.cat([d for d, _ in out], 1), torch.cat([i for _, i in out], 1)
+def _by_rows(fn, row_bytes: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to row blocks of ``tensors`` whose temporaries (``row_bytes`` per row)
+    stay under ``WORK_BYTES``, the results concatenated."""
+    rows = max(1, WORK_BYTES // max(row_bytes, 1))
+    n = len(tensors[0])
+    if n <= rows:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
