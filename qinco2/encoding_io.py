@@ -15,6 +15,7 @@ three times the codes' size, memory use one chunk.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -81,25 +82,24 @@ def _fingerprint(parts: list[np.ndarray], n: int, samples: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _shard_done(shard: Path) -> bool:
-    """A shard file whose checksum file matches it (a shard cut short by a kill has none)."""
+def _shard_bytes(shard: Path) -> bytes | None:
+    """The bytes of a shard file whose checksum file matches them, else None (a shard cut
+    short by a kill has no checksum file)."""
     check = shard.with_suffix(".sha256")
-    return shard.is_file() and check.is_file() and check.read_text().strip() == _sha256(shard)
+    if not (shard.is_file() and check.is_file()):
+        return None
+    data = shard.read_bytes()
+    return data if check.read_text().strip() == hashlib.sha256(data).hexdigest() else None
 
 
 def _write_shard(shard: Path, codes: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, codes)
+    data = buffer.getvalue()
     with atomic_open(shard) as f:
-        np.save(f, codes)
-    with atomic_open(shard.with_suffix(".sha256")) as f:
-        f.write(_sha256(shard).encode())
+        f.write(data)
+    with atomic_open(shard.with_suffix(".sha256")) as f:      # written last: marks the shard done
+        f.write(hashlib.sha256(data).hexdigest().encode())
 
 
 def _prepare_parts(work: Path, job: dict, workers: Workers) -> None:
@@ -146,7 +146,7 @@ def encode_to_npz(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: 
         for i in shards:
             lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
             shard = work / f"shard-{i:07d}.npy"
-            if not _shard_done(shard):
+            if _shard_bytes(shard) is None:
                 codes = np.concatenate([codec.encode(_rows(parts, a, min(a + batch, hi)), A=A, B=B, batch_size=batch)
                                         for a in range(lo, hi, batch)])
                 _write_shard(shard, codes)
@@ -167,9 +167,10 @@ def _merge_shards(work: Path, path: Path, n: int, n_codes: int, shard_rows: int,
         codes_NM = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, n_codes))
         for i in range(-(-n // shard_rows)):
             shard = work / f"shard-{i:07d}.npy"
-            if not _shard_done(shard):
+            data = _shard_bytes(shard)
+            if data is None:
                 raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
-            codes_NM[i * shard_rows:(i + 1) * shard_rows] = np.load(shard)
+            codes_NM[i * shard_rows:(i + 1) * shard_rows] = np.load(io.BytesIO(data))
         codes_NM.flush()
         with atomic_open(path) as f:          # np.savez streams a memory map in 16 MiB pieces
             np.savez(f, codes=codes_NM, **meta)

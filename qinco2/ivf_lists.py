@@ -154,6 +154,7 @@ class InvertedLists:
         return {"sizes": self.size.clone(), "codes": self.codes[rows].cpu(), "ids": self.ids[rows].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Fill empty lists from :meth:`state_dict`, allocating their final capacities once."""
         sizes = state["sizes"].long()
-        list_nos = torch.repeat_interleave(torch.arange(self.n_lists), sizes)
-        self.add(list_nos, state["codes"], state["ids"])
+        self._relayout(sizes if self.conservative else -(-sizes // MIN_CAPACITY) * MIN_CAPACITY)
+        self.add(torch.repeat_interleave(torch.arange(self.n_lists), sizes), state["codes"], state["ids"])

@@ -239,6 +239,7 @@ def test_save_load_round_trip_and_foreign_files(tmp_path, data, index):
     for got, want in zip(ivfpq.search(p, again, q, 10), ivfpq.search(p, index, q, 10)):
         np.testing.assert_array_equal(got, want)
     assert again.params == index.params
+    assert len(again.lists.ids) <= again.size + 32 * again.n_lists     # loaded compact, not doubled
     (tmp_path / "junk").write_bytes(b"not an index")
     with pytest.raises(ModelFileError, match="not a qinco2 IVF-PQ index"):
         ivfpq.load(tmp_path / "junk")
