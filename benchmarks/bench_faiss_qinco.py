@@ -19,8 +19,8 @@ import torch
 
 from bench_codecs import environment
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
-from qinco2.encode import encode
-from qinco2.faiss_interop import to_faiss_index_qinco
+from qinco2.codec.encode import encode
+from qinco2.codec.faiss_export import to_faiss_index_qinco
 
 
 def median_time(fn, repeats: int) -> float:

@@ -45,7 +45,7 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     task = ["task=encode", f"model={args.model}", f"db={args.dataset}", f"ds.db={args.rows}", "cpu=true",
             "verbose=false", f"shard_rows={args.shard_rows}", f"A={args.AB[0]}", f"B={args.AB[1]}"]
-    startup = run([sys.executable, "-c", "import qinco2.cli, torch, faiss"], 1)
+    startup = run([sys.executable, "-c", "import qinco2.cli.main, torch, faiss"], 1)
     configs = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
     for label, n_proc, threads in configs:
         out = Path(args.work) / f"codes-{n_proc}x{threads}.npz"

@@ -1,16 +1,21 @@
-"""qinco2: neural vector compression (QINCo2 / QINCo1 codecs) and nearest-neighbour search."""
+"""qinco2: neural vector compression (QINCo2 / QINCo1 codecs) and nearest-neighbour search.
 
-from .codec import QincoCodec
+Layers (imports point down only)::
+
+    cli/                      the ``qinco2 task=...`` command line
+    ivfsearch/   ivfpq/       product lines: IVF-QINCo2 search on faiss; IVF-PQ in torch
+    codec/                    the QINCo2 / QINCo1 codec (ivfsearch builds on it)
+    errors, validation, formats, datasets, kmeans, ivf, rerank, ...   the shared layer
+"""
+
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
+from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, encode_to_npz, load_encoded
 from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
-from .encoding_io import encode_to_npz, load_encoded
 from .errors import (ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError,
                      QincoError, VectorFileError)
 from .formats import count_vectors, open_vectors, read_vectors, write_vectors
 from .ivf import assign_to_centroids, train_ivf_centroids
-from .model import PRESETS, ModelConfig
-from .train import TrainConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "QincoCodec", "ModelConfig", "TrainConfig", "PRESETS",

@@ -91,7 +91,7 @@ def refine(dataset, queries, candidates, k: int, *, metric: str = "sqeuclidean",
 def refine_with_codec(codec, codes, queries, candidates, k: int, *, metric: str = "sqeuclidean",
                       batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank ``candidates`` by exact distances to the vectors that ``codec`` (a trained
-    :class:`~qinco2.codec.QincoCodec`) decodes from ``codes`` ``(N, n_codes)``, the compact
+    :class:`~qinco2.codec.codec.QincoCodec`) decodes from ``codes`` ``(N, n_codes)``, the compact
     codes of the same database rows: no raw vectors needed."""
     if getattr(codes, "ndim", 0) != 2 or codes.shape[1] != codec.n_codes:
         raise InputError(f"codes must have shape (N, {codec.n_codes}) for this codec, got "

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from qinco2.codec import QincoCodec
-from qinco2.model import ModelConfig, QincoModel
+from qinco2.codec.codec import QincoCodec
+from qinco2.codec.model import ModelConfig, QincoModel
 
 # The test tensors are tiny: one thread is as fast as several, avoids OpenMP spin-waits on a
 # shared machine (a 20x6 matmul took ~20 ms with 2 threads under load) and fixes the
@@ -90,7 +90,7 @@ def trained_codec(codec_data):
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str, dict | None]:
     """Run the CLI in-process: exit code, stdout, stderr and the parsed RESULT line."""
-    from qinco2.cli import main
+    from qinco2.cli.main import main
     rc = main(list(argv))
     out, err = capsys.readouterr()
     results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()

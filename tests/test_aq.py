@@ -1,11 +1,11 @@
-"""Tests of qinco2.aq: least-squares additive codebooks from co-occurrence counts."""
+"""Tests of qinco2.ivfsearch.aq: least-squares additive codebooks from co-occurrence counts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qinco2.aq import additive_decode, fit_additive_codebooks
+from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.errors import InputError
 from qinco2.metrics import mse
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli as _run
 
 from qinco2 import QincoCodec, write_vectors
-from qinco2.cli import main, parse_args
+from qinco2.cli.main import main, parse_args
 
 TINY_MODEL = ["model_args=qinco2-S", "M=2", "K=16", "L=1", "de=8", "dh=16", "A=4", "B=4",
               "ds.loop=2_000", "ds.valset=300", "epochs=2", "batch=256", "lr=3e-3",

@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli as _run
 
 from qinco2 import write_vectors
-from qinco2.cli import main, parse_args, run
-from qinco2.index import sidecar_path
+from qinco2.cli.main import main, parse_args, run
+from qinco2.ivfsearch.shortlist import sidecar_path
 from qinco2.metrics import knn
 
 # K=256: the faiss index stores 8-bit codes. ds.valset=300 everywhere: the training split

@@ -1,4 +1,4 @@
-"""Tests of qinco2.codec.QincoCodec: numpy boundary, typed errors, files, overrides, prefixes."""
+"""Tests of qinco2.codec.codec.QincoCodec: numpy boundary, typed errors, files, overrides, prefixes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from qinco2.checkpoint import FORMAT_TAG, FORMAT_VERSION, atomic_torch_save
-from qinco2.codec import QincoCodec
+from qinco2.codec.codec import QincoCodec
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from qinco2.metrics import mse
-from qinco2.model import ModelConfig
+from qinco2.codec.model import ModelConfig
 
 
 # ----------------------------------------------------------------------------- numpy boundary

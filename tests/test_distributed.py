@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import qinco2.train as train_module
+import qinco2.codec.train as train_module
 from qinco2 import QincoCodec, load_encoded
 
 ROOT = Path(__file__).resolve().parents[1]

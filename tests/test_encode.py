@@ -1,4 +1,4 @@
-"""Tests of qinco2.encode against slow, obvious references: exhaustive search over all K^M
+"""Tests of qinco2.codec.encode against slow, obvious references: exhaustive search over all K^M
 codes, plain-loop greedy / pre-selection / beam search, chunking invariance, IVF assignment.
 
 Models have random non-zero weights and run in float64 (see conftest), so exact code
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2.encode import beam_search, bytes_per_vector, encode
+from qinco2.codec.encode import beam_search, bytes_per_vector, encode
 
 ARCHS = {  # tiny QINCo1-like (no projections) and QINCo2-like (projections + codeword skip)
     "qinco1": dict(de=None, codeword_skip=False, zero_init=False),

@@ -1,7 +1,7 @@
 """Parity with faiss' independent C++ QINCo1 codec (``faiss.QINCo``, ``faiss.IndexQINCo``).
 
 A QINCo1-architecture model (d_e = D, no pre-selector, greedy, no codeword skip) with random
-weights is copied into faiss by :mod:`qinco2.faiss_interop`; both must decode the same codes
+weights is copied into faiss by :mod:`qinco2.codec.faiss_export`; both must decode the same codes
 to the same vectors and (exhaustive greedy) encode vectors to the same codes.
 """
 
@@ -15,9 +15,9 @@ faiss = pytest.importorskip("faiss")
 if not hasattr(faiss, "QINCo"):
     pytest.skip("this faiss has no QINCo (needs faiss >= 1.9)", allow_module_level=True)
 
-from qinco2.encode import beam_search  # noqa: E402
+from qinco2.codec.encode import beam_search  # noqa: E402
 from qinco2.errors import ConfigError  # noqa: E402
-from qinco2.faiss_interop import to_faiss_index_qinco, to_faiss_qinco  # noqa: E402
+from qinco2.codec.faiss_export import to_faiss_index_qinco, to_faiss_qinco  # noqa: E402
 
 D, K, M, L, H = 8, 16, 3, 2, 12
 
@@ -26,7 +26,7 @@ D, K, M, L, H = 8, 16, 3, 2, 12
 def model():
     """qinco1 preset shape, random N(0, 0.3^2) weights, mean 0 / scale 1 (so that the raw
     space faiss sees is the model's normalised space), float32 like faiss."""
-    from qinco2.model import ModelConfig, QincoModel
+    from qinco2.codec.model import ModelConfig, QincoModel
     torch.manual_seed(0)
     m = QincoModel(ModelConfig.from_preset("qinco1", D=D, K=K, M=M, L=L, dh=H))
     with torch.no_grad():
@@ -82,14 +82,14 @@ def test_index_qinco_reconstructs_our_decoding(model):
 @pytest.mark.parametrize("fields", [dict(de=4), dict(de=None, codeword_skip=True, double_skip=True),
                                     dict(de=None, ivf_K=4)])
 def test_models_faiss_cannot_run_are_refused(fields):
-    from qinco2.model import ModelConfig, QincoModel
+    from qinco2.codec.model import ModelConfig, QincoModel
     cfg = ModelConfig.from_preset("qinco1", **{**dict(D=D, K=K, M=M, L=L, dh=H), **fields})
     with pytest.raises(ConfigError):
         to_faiss_qinco(QincoModel(cfg))
 
 
 def test_index_qinco_needs_a_power_of_two_k():
-    from qinco2.model import ModelConfig, QincoModel
+    from qinco2.codec.model import ModelConfig, QincoModel
     cfg = ModelConfig.from_preset("qinco1", D=D, K=12, M=2, L=1, dh=H)
     with pytest.raises(ConfigError, match="power of two"):
         to_faiss_index_qinco(QincoModel(cfg))

@@ -1,4 +1,4 @@
-"""Tests of qinco2.index: the faiss IVF-AQ index built from QINCo2 codes (spec 8.4-8.5)."""
+"""Tests of qinco2.ivfsearch.shortlist: the faiss IVF-AQ index built from QINCo2 codes (spec 8.4-8.5)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
-from qinco2.aq import additive_decode
-from qinco2.codec import QincoCodec
+from qinco2.ivfsearch.aq import additive_decode
+from qinco2.codec.codec import QincoCodec
 from qinco2.errors import DatasetError, InputError
-from qinco2.index import (add_codes, build_index, encode_norms, factory_string, fit_aq_tables, list_prefix,
+from qinco2.ivfsearch.shortlist import (add_codes, build_index, encode_norms, factory_string, fit_aq_tables, list_prefix,
                           load_index, make_empty_index, pack_codes, reconstruction_norms, save_index,
                           sidecar_path)
 from qinco2.ivf import train_ivf_centroids

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qinco2 import InputError, QincoCodec, open_vectors, write_vectors
-from qinco2.cli import main
+from qinco2.cli.main import main
 from qinco2.ivf import _sample, _torch_kmeans, assign_to_centroids, train_ivf_centroids
 from qinco2.metrics import mse
 

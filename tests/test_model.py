@@ -1,4 +1,4 @@
-"""Tests of qinco2.model: configs and presets, parameter counts, initialisation, IVF step,
+"""Tests of qinco2.codec.model: configs and presets, parameter counts, initialisation, IVF step,
 decoding and the two training losses."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qinco2.errors import ConfigError
-from qinco2.model import (PRESETS, ModelConfig, QincoModel, StepNetwork, count_parameters,
+from qinco2.codec.model import (PRESETS, ModelConfig, QincoModel, StepNetwork, count_parameters,
                           expected_parameter_count)
 
 

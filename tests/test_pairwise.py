@@ -1,4 +1,4 @@
-"""Tests of qinco2.pairwise: IVF sub-codes, greedy pair tables, decoding, files, errors."""
+"""Tests of qinco2.ivfsearch.pairwise: IVF sub-codes, greedy pair tables, decoding, files, errors."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2.aq import additive_decode, fit_additive_codebooks
+from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.checkpoint import atomic_torch_save, save_checkpoint
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from qinco2.metrics import mse
-from qinco2.pairwise import FORMAT_TAG, PairwiseDecoder, ivf_subcodes, weighted_kmeans
+from qinco2.ivfsearch.pairwise import FORMAT_TAG, PairwiseDecoder, ivf_subcodes, weighted_kmeans
 
 C, D, M, K = 6, 4, 3, 16
 

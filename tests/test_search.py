@@ -1,4 +1,4 @@
-"""Tests of qinco2.search: the multi-stage pipeline, the pruned sweep, its log, Pareto fronts."""
+"""Tests of qinco2.ivfsearch.multistage: the multi-stage pipeline, the pruned sweep, its log, Pareto fronts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-import qinco2.search as search_mod
-from qinco2.codec import QincoCodec
+import qinco2.ivfsearch.multistage as search_mod
+from qinco2.codec.codec import QincoCodec
 from qinco2.errors import ConfigError, InputError
-from qinco2.index import build_index
+from qinco2.ivfsearch.shortlist import build_index
 from qinco2.ivf import train_ivf_centroids
 from qinco2.metrics import knn, recall_at
-from qinco2.pairwise import PairwiseDecoder
-from qinco2.search import (SearchParams, is_pruned, log2_distance, multistage_search, order_points,
+from qinco2.ivfsearch.pairwise import PairwiseDecoder
+from qinco2.ivfsearch.multistage import (SearchParams, is_pruned, log2_distance, multistage_search, order_points,
                            pareto_front, plot_pareto, sweep)
 
 C, D, M, K = 8, 8, 2, 256

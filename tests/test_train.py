@@ -1,4 +1,4 @@
-"""Tests of qinco2.train: schedule, normalisation, initialisation, running statistics,
+"""Tests of qinco2.codec.train: schedule, normalisation, initialisation, running statistics,
 codeword resets, and short end-to-end fits (quality, seeding, checkpoints, resume)."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from qinco2.distributed import Workers
 import torch
 
 from qinco2.checkpoint import atomic_torch_save, load_checkpoint
-from qinco2.codec import QincoCodec
-from qinco2.encode import beam_search
+from qinco2.codec.codec import QincoCodec
+from qinco2.codec.encode import beam_search
 from qinco2.errors import ConfigError
 from qinco2.metrics import mse
-from qinco2.model import ModelConfig, QincoModel
-import qinco2.train as train_module
-from qinco2.train import (TrainConfig, cosine_factor, fit_normalization, initialize,
+from qinco2.codec.model import ModelConfig, QincoModel
+import qinco2.codec.train as train_module
+from qinco2.codec.train import (TrainConfig, cosine_factor, fit_normalization, initialize,
                           reset_unused_codewords, update_running_stats)
 
 # A fast training setup on 16-d clustered data: 12 batches of 256 per epoch.

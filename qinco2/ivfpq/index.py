@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ivf_lists import InvertedLists, pack_codes, unpack_codes
+from .lists import InvertedLists, pack_codes, unpack_codes
 from ..kmeans import nearest
 from .params import IndexParams
 

@@ -3,7 +3,7 @@ per task: :func:`train_pairwise_decoder`, :func:`build_index_file`, :func:`searc
 
 Each takes arrays and file paths, checks that the files belong together (same model, same
 IVF centroids, same rows) before any long computation, and returns a result dict. Codes
-files are the ``.npz`` of :mod:`qinco2.encoding_io`; the training codes hold the training
+files are the ``.npz`` of :mod:`qinco2.codec.codes_io`; the training codes hold the training
 rows, then the validation rows (``task=encode encode_trainset=true``).
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoding_io import SIZE_KEYS, load_encoded, model_sha
-from .errors import ConfigError, DatasetError, InputError, ModelFileError
-from .formats import read_vectors
-from .index import build_index, factory_string, load_index, save_index
-from .ivf import check_centroids
-from .metrics import mse
+from ..codec.codes_io import SIZE_KEYS, load_encoded, model_sha
+from ..errors import ConfigError, DatasetError, InputError, ModelFileError
+from ..formats import read_vectors
+from .shortlist import build_index, factory_string, load_index, save_index
+from ..ivf import check_centroids
+from ..metrics import mse
 from .pairwise import PairwiseDecoder
-from .search import load_runs, pareto_front, plot_pareto, sweep
+from .multistage import load_runs, pareto_front, plot_pareto, sweep
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load_pairwise_for(path, codec, index) -> PairwiseDecoder:
 def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, output, *,
                            n_pairs_per_step: float = 2, mse_scale: float = 1.0, seed: int = 0,
                            progress: bool = True) -> dict:
-    """Train a :class:`~qinco2.pairwise.PairwiseDecoder` on the training codes and raw rows,
+    """Train a :class:`~qinco2.ivfsearch.pairwise.PairwiseDecoder` on the training codes and raw rows,
     save it to ``output``; returns its MSE and that of plain additive decoding of the same
     codes (both on the training rows, times ``mse_scale``)."""
     enc = load_encoded(encoded_trainset, require_ivf=True)
@@ -111,7 +111,7 @@ def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, outp
 def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val, output, *,
                      db_rows: int | None = None, aq_training_samples: int = 1_000_000,
                      progress: bool = True) -> dict:
-    """Build the faiss IVF-AQ index (:func:`qinco2.index.build_index`) of the first ``db_rows``
+    """Build the faiss IVF-AQ index (:func:`qinco2.ivfsearch.shortlist.build_index`) of the first ``db_rows``
     (default all) database codes and save it with the codes' model digest."""
     train = load_encoded(encoded_trainset, require_ivf=True)
     db = load_encoded(encoded_db, require_ivf=True)
@@ -129,8 +129,8 @@ def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val
 def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | None = None,
                  pairwise_decoder=None, output=None, resume: bool = False, threads: int | None = None,
                  db_rows: int | None = None, progress: bool = True) -> dict:
-    """Sweep the multi-stage search (:func:`qinco2.search.sweep`) over ``grid`` (names of
-    :class:`~qinco2.search.SearchParams` to value lists, missing names from
+    """Sweep the multi-stage search (:func:`qinco2.ivfsearch.multistage.sweep`) over ``grid`` (names of
+    :class:`~qinco2.ivfsearch.multistage.SearchParams` to value lists, missing names from
     :data:`DEFAULT_GRID`). ``output``: JSON log, with its Pareto plot beside it (``.png``)."""
     if output is not None and Path(output).suffix.lower() == ".png":
         raise ConfigError(f"output={output}: the search log is JSON (its plot gets the .png name)")

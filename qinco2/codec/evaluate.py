@@ -14,9 +14,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .codec import QincoCodec
-from .datasets import DataLimits, resolve_dataset
-from .errors import InputError
-from .metrics import code_usage, knn, mse, recall_at
+from ..datasets import DataLimits, resolve_dataset
+from ..errors import InputError
+from ..metrics import code_usage, knn, mse, recall_at
 
 log = logging.getLogger(__name__)
 

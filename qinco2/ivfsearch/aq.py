@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def check_codes(codes_NM, K: int | None, what: str = "codes") -> np.ndarray:

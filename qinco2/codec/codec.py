@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .encode import DEFAULT_MAX_BYTES, encode
-from .distributed import Workers
-from .errors import ConfigError, InputError, NotTrainedError
-from .ivf import check_centroids
+from ..distributed import Workers
+from ..errors import ConfigError, InputError, NotTrainedError
+from ..ivf import check_centroids
 from .model import PRESETS, ModelConfig, QincoModel
 from .train import TrainConfig, TrainState, fit, initialize
 

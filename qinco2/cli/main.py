@@ -3,7 +3,7 @@
 Arguments are ``key=value`` pairs (dotted keys for the data limits, ``ds.valset=10_000``);
 values are read as YAML scalars, so ``100_000``, ``8e-4``, ``true``/``false`` and ``null``
 work; the search grid keys also take lists (``nprobe=[1,4,16]``). Each task parses, calls the
-library (:mod:`qinco2.codec`, :mod:`qinco2.evaluate`, :mod:`qinco2.pipeline`) and prints an
+library (:mod:`qinco2.codec.codec`, :mod:`qinco2.codec.evaluate`, :mod:`qinco2.ivfsearch.pipeline`) and prints an
 aligned table followed by one ``RESULT {json}`` line for scripts.
 """
 
@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import ConfigError, QincoError
+from ..errors import ConfigError, QincoError
 
-log = logging.getLogger("qinco2.cli")
+log = logging.getLogger("qinco2.cli.main")
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _setup(args: CliArgs) -> str:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    from .distributed import Workers
+    from ..distributed import Workers
 
     _, launched_device = Workers.from_environment(cpu=args.cpu)     # a launched job: this rank's device
     if launched_device is not None:
@@ -177,7 +177,7 @@ def _setup(args: CliArgs) -> str:
 
 
 def _workers(args: CliArgs):
-    from .distributed import Workers
+    from ..distributed import Workers
 
     return Workers.from_environment(cpu=args.cpu)[0]
 
@@ -190,14 +190,14 @@ def _require(args: CliArgs, key: str, what: str) -> str:
 
 
 def _dataset(args: CliArgs):
-    from .datasets import resolve_dataset
+    from ..datasets import resolve_dataset
 
     return resolve_dataset(args.db, trainset=args.trainset, queries=args.queries,
                            queries_gt=args.queries_gt, data_root=args.data_root)
 
 
 def _limits(args: CliArgs):
-    from .datasets import DataLimits
+    from ..datasets import DataLimits
 
     return DataLimits(args.ds.valset, args.ds.trainset, args.ds.db, args.ds.loop)
 
@@ -216,7 +216,7 @@ def _arch_overrides(args: CliArgs, given: set[str]) -> dict:
 
 
 def _load_codec(args: CliArgs, given: set[str], device: str):
-    from .codec import QincoCodec
+    from ..codec.codec import QincoCodec
 
     path = _require(args, "model", "path of a trained model file")
     arch = _arch_overrides(args, given)
@@ -250,8 +250,8 @@ def _print_result(result: dict) -> None:
 # ----------------------------------------------------------------------------- tasks
 
 def task_train(args: CliArgs, given: set[str], device: str) -> dict:
-    from .codec import QincoCodec
-    from .formats import read_vectors
+    from ..codec.codec import QincoCodec
+    from ..formats import read_vectors
 
     output = _require(args, "output", "path of the model file to write, e.g. model.pt")
     arch = _arch_overrides(args, given)
@@ -284,7 +284,7 @@ def task_train(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
-    from .evaluate import evaluate_mse
+    from ..codec.evaluate import evaluate_mse
 
     codec = _load_codec(args, given, device)
     ds = _dataset(args)
@@ -298,7 +298,7 @@ def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_eval_valset(args: CliArgs, given: set[str], device: str) -> dict:
-    from .evaluate import evaluate_mse
+    from ..codec.evaluate import evaluate_mse
 
     codec = _load_codec(args, given, device)
     ds = _dataset(args)
@@ -309,7 +309,7 @@ def task_eval_valset(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_search(args: CliArgs, given: set[str], device: str) -> dict:
-    from .evaluate import evaluate_search
+    from ..codec.evaluate import evaluate_search
 
     if args.index is not None:
         return _search_index(args, given, device)
@@ -322,7 +322,7 @@ def task_search(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def _search_index(args: CliArgs, given: set[str], device: str) -> dict:
-    from .pipeline import search_index
+    from ..ivfsearch.pipeline import search_index
 
     if args.encoded_db is None:
         raise ConfigError("task=search with index= needs encoded_db=<codes of the database>: "
@@ -346,9 +346,9 @@ def _search_index(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
-    from .formats import write_vectors
-    from .ivf import assign_to_centroids, train_ivf_centroids
-    from .metrics import mse
+    from ..formats import write_vectors
+    from ..ivf import assign_to_centroids, train_ivf_centroids
+    from ..metrics import mse
 
     output = _require(args, "output", "path of the centroid file to write, e.g. centroids.npy")
     K = _require(args, "ivf_K", "number of IVF centroids, e.g. 65536")
@@ -373,7 +373,7 @@ def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
-    from .encoding_io import encode_to_npz
+    from ..codec.codes_io import encode_to_npz
 
     output = _require(args, "output", "path of the .npz file to write")
     codec = _load_codec(args, given, device)
@@ -390,7 +390,7 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_train_pairwise_decoder(args: CliArgs, given: set[str], device: str) -> dict:
-    from .pipeline import train_pairwise_decoder
+    from ..ivfsearch.pipeline import train_pairwise_decoder
 
     output = _require(args, "output", "path of the decoder file to write, e.g. pairwise.pt")
     centroids = _require(args, "ivf_centroids", "the IVF centroids the model was trained with")
@@ -408,7 +408,7 @@ def task_train_pairwise_decoder(args: CliArgs, given: set[str], device: str) -> 
 
 
 def task_build_index(args: CliArgs, given: set[str], device: str) -> dict:
-    from .pipeline import build_index_file
+    from ..ivfsearch.pipeline import build_index_file
 
     output = _require(args, "output", "path of the index file to write, e.g. index.faissindex")
     centroids = _require(args, "ivf_centroids", "the IVF centroids the model was trained with")
@@ -424,7 +424,7 @@ def task_build_index(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
-    from .evaluate import run_demo
+    from ..codec.evaluate import run_demo
 
     output = args.output or "qinco2-demo.pt"
     start = time.perf_counter()
@@ -440,7 +440,7 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
     return {"task": "demo", **r}
 
 
-from .cli_ivfpq import task_ivfpq_build, task_ivfpq_search  # noqa: E402  (uses the helpers above)
+from .ivfpq_tasks import task_ivfpq_build, task_ivfpq_search  # noqa: E402  (uses the helpers above)
 
 TASKS = {"train": task_train, "eval": task_eval, "eval_valset": task_eval_valset,
          "search": task_search, "ivf_centroids": task_ivf_centroids, "encode": task_encode,
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    from .distributed import shutdown
+    from ..distributed import shutdown
 
     try:
         result = run(argv)

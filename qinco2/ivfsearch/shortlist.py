@@ -5,7 +5,7 @@ The index is faiss' ``IVF{C}_HNSW{hnsw_M},RQ{M}x8_Nqint8``: an HNSW coarse quant
 raw IVF centroids (HNSW id == list id == QINCo2 IVF code), by-residual additive codes of ``M``
 bytes, and one byte per vector for the squared norm of its reconstructed residual. Nothing is
 re-encoded by faiss: the residual codebooks are least-squares additive tables fitted to the
-QINCo2 codes (:func:`qinco2.aq.fit_additive_codebooks`), and the database is added with the
+QINCo2 codes (:func:`qinco2.ivfsearch.aq.fit_additive_codebooks`), and the database is added with the
 QINCo2 codes themselves.
 
 Stored code of one vector (faiss ``AdditiveQuantizer`` with 8-bit codes and ``ST_norm_qint8``,
@@ -29,8 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
-from .atomic import atomic_open, atomic_path
-from .errors import DatasetError, InputError
+from ..atomic import atomic_open, atomic_path
+from ..errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def save_index(index: faiss.Index, path, *, model_sha: str | None = None) -> Non
 
 def load_index(path, model_sha: str | None = None, n_db: int | None = None) -> faiss.Index:
     """Read an index written by :func:`save_index`. ``model_sha``: the digest of the model
-    whose codes the search will decode (:func:`qinco2.encoding_io.model_sha`); ``n_db``: the
+    whose codes the search will decode (:func:`qinco2.codec.codes_io.model_sha`); ``n_db``: the
     number of database codes; a mismatch with the index raises :class:`InputError`."""
     path = Path(path)
     hint = BUILD_HINT.format(path=path)

@@ -2,7 +2,7 @@
 optional pairwise-decoder re-rank, then QINCo2 decoding and an exact re-rank; a pruned sweep
 over the query-time parameters, its JSON log, Pareto fronts and plots.
 
-Build-time choices live in the index (:mod:`qinco2.index`); everything here is a query-time
+Build-time choices live in the index (:mod:`qinco2.ivfsearch.shortlist`); everything here is a query-time
 :class:`SearchParams`, so a sweep never rebuilds anything. The database codes ``(Nb, 1+M)``
 are kept in memory and looked up by id (the ids in the index are database rows).
 """
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open
-from .errors import ConfigError, InputError
-from .metrics import recall_at
-from .rerank import exact_rerank
+from ..atomic import atomic_open
+from ..errors import ConfigError, InputError
+from ..metrics import recall_at
+from ..rerank import exact_rerank
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, 
     (R@1/10/100 of the shortlist in the order before the QINCo2 re-rank).
 
     ``db_codes`` ``(Nb, 1+M)``: the codes the index was built from; ``codec``: the IVF QINCo2
-    codec that made them; ``pairwise``: an optional :class:`~qinco2.pairwise.PairwiseDecoder`.
+    codec that made them; ``pairwise``: an optional :class:`~qinco2.ivfsearch.pairwise.PairwiseDecoder`.
     ``batch_rows`` candidates are decoded at a time.
     """
     params = params.validated()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Architecture fields of each preset (training fields live in train.PRESET_TRAINING).
 PRESETS: dict[str, dict] = {

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
-from .datasets import epoch_batches, epoch_length
-from .distributed import Workers
+from ..checkpoint import save_checkpoint
+from ..datasets import epoch_batches, epoch_length
+from ..distributed import Workers
 from .encode import encode
-from .errors import ConfigError
+from ..errors import ConfigError
 from .model import QincoModel
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
-from .checkpoint import atomic_torch_save, load_tagged
-from .errors import ConfigError, InputError, ModelFileError, NotTrainedError
-from .metrics import mse
+from ..checkpoint import atomic_torch_save, load_tagged
+from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
+from ..metrics import mse
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class PairwiseDecoder:
         return self
 
     def additive_baseline_mse(self, codes, x_ND) -> float:
-        """MSE of plain additive decoding (least-squares AQ tables, :mod:`qinco2.aq`) fitted on
+        """MSE of plain additive decoding (least-squares AQ tables, :mod:`qinco2.ivfsearch.aq`) fitted on
         the same code columns and targets as this decoder; it is a lower bound for AQ on the
         step codes alone. Fitted and measured on all the given rows."""
         self._trained()

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open
+from ..atomic import atomic_open
 from .codec import QincoCodec
-from .distributed import Workers
-from .errors import DatasetError, InputError
+from ..distributed import Workers
+from ..errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
 

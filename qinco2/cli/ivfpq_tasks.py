@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
-log = logging.getLogger("qinco2.cli")
+log = logging.getLogger("qinco2.cli.main")
 
 INDEX_KEYS = ("n_lists", "metric", "kmeans_n_iters", "kmeans_trainset_fraction", "pq_bits", "pq_dim",
               "codebook_kind", "force_random_rotation", "conservative_memory_allocation",
@@ -36,8 +36,8 @@ def _given(args, keys) -> dict:
 
 
 def task_ivfpq_build(args, given: set[str], device: str) -> dict:
-    from . import ivfpq
-    from .cli import _dataset, _limits, _require, print_table
+    from .. import ivfpq
+    from .main import _dataset, _limits, _require, print_table
 
     output = _require(args, "output", "path of the index file to write, e.g. index.ivfpq")
     params = ivfpq.IndexParams(**_given(args, INDEX_KEYS))
@@ -59,8 +59,8 @@ def task_ivfpq_build(args, given: set[str], device: str) -> dict:
 
 def _refiner(args, ds, limits, index, device):
     """Keyword arguments of :func:`ivfpq.search_and_refine` for ``refine=``, or None."""
-    from .cli import _load_codec
-    from .encoding_io import load_encoded, model_sha
+    from .main import _load_codec
+    from ..codec.codes_io import load_encoded, model_sha
 
     if args.refine is None:
         if args.refine_ratio != 1:
@@ -86,9 +86,9 @@ def _refiner(args, ds, limits, index, device):
 
 
 def task_ivfpq_search(args, given: set[str], device: str) -> dict:
-    from . import ivfpq
-    from .cli import _dataset, _limits, _require, print_table
-    from .metrics import neighbor_recall, recall_at
+    from .. import ivfpq
+    from .main import _dataset, _limits, _require, print_table
+    from ..metrics import neighbor_recall, recall_at
 
     path = _require(args, "index", "an index file from `qinco2 task=ivfpq_build ...`")
     index = ivfpq.load(path, device=device)

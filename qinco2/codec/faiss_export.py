@@ -9,7 +9,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .model import QincoModel
 
 
