@@ -1,4 +1,4 @@
-"""Training: normalisation, RQ initialisation, the two-pass optimisation loop, schedules,
+"""Training: initialisation (see :mod:`.rq_init`), the two-pass optimisation loop, schedules,
 codeword resets, validation, best-model checkpoints and resume."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +19,7 @@ from ..distributed import Workers
 from .encode import encode
 from ..errors import ConfigError
 from .model import QincoModel
+from .rq_init import fit_normalization, rq_initialize
 
 log = logging.getLogger(__name__)
 
@@ -77,48 +77,6 @@ class TrainConfig:
         if self.batch < 1 or self.grad_accumulate < 1 or self.loop < 1:
             raise ConfigError("batch, grad_accumulate and loop must be >= 1")
         return self
-
-
-# ----------------------------------------------------------------------------- initialisation
-
-def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:
-    """Set the model's mean/scale from (the first 100k rows of) the initialisation data."""
-    x = torch.from_numpy(np.asarray(x_init[:100_000], dtype=np.float32))
-    if how == "mean_std":
-        model.mean.copy_(x.mean(0))
-        model.scale.copy_(x.double().std(unbiased=False).float())
-    else:
-        model.mean.zero_()
-        model.scale.copy_(x.abs().max().clamp_min(1e-12))
-
-
-def _kmeans(r_ND: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    km = faiss.Kmeans(r_ND.shape[1], K, niter=10, seed=seed, max_points_per_centroid=1 << 30)
-    km.train(r_ND)
-    _, assign = km.index.search(r_ND, 1)
-    return km.centroids, assign[:, 0]
-
-
-@torch.no_grad()
-def rq_initialize(model: QincoModel, x_init: np.ndarray, noise: float, seed: int) -> None:
-    """Stage-wise k-means residual quantisation in raw space, mapped into the model + noise."""
-    gen = torch.Generator().manual_seed(seed)
-    r = np.ascontiguousarray(x_init, dtype=np.float32).copy()
-    mean, scale = model.mean.cpu(), model.scale.cpu()
-    for s, step in enumerate(model.steps):
-        if step.frozen:
-            raw = (step.codebook.cpu() * scale + mean).numpy()
-            _, assign = faiss.knn(r, raw, 1)
-            r -= raw[assign[:, 0]]
-            continue
-        C_KD, assign = _kmeans(r, step.K, seed + s)
-        r -= C_KD[assign]
-        C = torch.from_numpy(C_KD)
-        C = (C - mean) / scale if s == 0 else C / scale
-        C = C + torch.randn(C.shape, generator=gen) * C.std() * noise
-        step.codebook.copy_(C)
-        if step.preselector is not None:
-            step.preselector.copy_(C)
 
 
 # ----------------------------------------------------------------------------- schedule
