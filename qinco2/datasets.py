@@ -1,4 +1,4 @@
-"""Named data sets, their splits and size limits, the synthetic default, epoch windows.
+"""Named data sets, their splits and size limits, and the synthetic default.
 
 A :class:`Dataset` is a set of file paths (training file, database, queries,
 ground truth) plus the MSE scale used to report errors. Files are opened
@@ -17,21 +17,17 @@ Names are looked up in :data:`DATASETS` under a data root (see :func:`data_roots
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from qinco2.errors import DatasetError, InputError
-from qinco2.formats import count_vectors, open_vectors, read_vectors, write_vectors
+from qinco2.errors import DatasetError
+from qinco2.formats import count_vectors, open_vectors, read_vectors
+from qinco2.synthetic import synthetic_files
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -284,52 +280,6 @@ def resolve_dataset(
 # ---------------------------------------------------------------------------
 # The embedded synthetic default
 
-_SYNTH_D = 64
-_SYNTH_CLUSTERS = 50
-_SYNTH_ROWS = {"learn": 60_000, "base": 20_000, "query": 500}
-_SYNTH_K = 100
-
-
-def synthetic_cache_dir(root: str | Path | None = None, *, seed: int = 0) -> Path:
-    """``<root, or $QINCO2_CACHE, or ~/.cache/qinco2>/synthetic-v<version>-s<seed>``."""
-    if root is None:
-        env = os.environ.get("QINCO2_CACHE")
-        root = Path(env) if env else Path.home() / ".cache" / "qinco2"
-    return Path(root).expanduser() / f"synthetic-v{SYNTHETIC_VERSION}-s{seed}"
-
-
-def synthetic_vectors(seed: int = 0) -> dict[str, np.ndarray]:
-    """Draw the synthetic learn / base / query matrices (float32, integer-valued, 0..255).
-
-    A mixture of 50 clusters of unequal weight. Each cluster has a sparse
-    non-negative centre and an anisotropic spread (a random rotation times
-    per-axis scales decaying like ``i**-0.4``); the noise is multivariate
-    Student-t (4 degrees of freedom), so a few vectors lie far out. Negative
-    values are set to 0 and the rest rounded, as SIFT descriptors are.
-    Learn, base and query are successive draws from the same generator.
-    The statistics are close to SIFT's (mean ~27, std ~34, ~30% zeros, median
-    nearest-neighbour distance ~0.4 of the median norm): clustered, but not so
-    much that the clusters alone describe the data.
-    """
-    rng = np.random.default_rng(seed)
-    D, C, dof = _SYNTH_D, _SYNTH_CLUSTERS, 4.0
-    weights_C = rng.lognormal(0.0, 1.0, C)
-    weights_C /= weights_C.sum()
-    centres_CD = rng.gamma(0.5, 20.0, (C, D))
-    rotations_CDD = np.stack([np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(C)])
-    scales_CD = rng.uniform(25.0, 45.0, (C, 1)) * np.arange(1, D + 1) ** -0.4
-
-    def draw(n: int) -> np.ndarray:
-        labels_N = rng.choice(C, n, p=weights_C)
-        z_ND = rng.standard_normal((n, D)) * np.sqrt(dof / rng.chisquare(dof, n))[:, None]
-        x_ND = np.empty((n, D))
-        for c in range(C):
-            rows = np.flatnonzero(labels_N == c)
-            x_ND[rows] = centres_CD[c] + (z_ND[rows] * scales_CD[c]) @ rotations_CDD[c].T
-        return np.rint(np.clip(2.0 * x_ND, 0.0, 255.0)).astype(np.float32)
-
-    return {split: draw(n) for split, n in _SYNTH_ROWS.items()}
-
 
 def make_synthetic(root: str | Path | None = None, *, seed: int = 0) -> Dataset:
     """The embedded default data set, generated once into a cache folder and reused.
@@ -337,148 +287,10 @@ def make_synthetic(root: str | Path | None = None, *, seed: int = 0) -> Dataset:
     ``learn.fvecs`` (60,000 x 64: 50,000 training rows then 10,000 validation
     rows), ``base.fvecs`` (20,000 x 64), ``query.fvecs`` (500 x 64) and
     ``groundtruth.ivecs`` (exact L2 top-100 over base). See
-    :func:`synthetic_vectors` for the distribution; the files are bit-identical
-    for a given seed. SIFT-like values, so the MSE scale is SIFT's (1e-4).
-    The folder is :func:`synthetic_cache_dir`; it is written to a temporary
-    sibling and renamed, so a reader never sees a half-written set.
+    :func:`qinco2.synthetic.synthetic_vectors` for the distribution; the files are
+    bit-identical for a given seed. SIFT-like values, so the MSE scale is SIFT's (1e-4).
+    The folder is :func:`qinco2.synthetic.synthetic_cache_dir`; it is written to a
+    temporary sibling and renamed, so a reader never sees a half-written set.
     """
-    folder = synthetic_cache_dir(root, seed=seed)
-    files = [folder / f for f in ("learn.fvecs", "base.fvecs", "query.fvecs", "groundtruth.ivecs")]
-    ds = Dataset(f"{SYNTHETIC}-s{seed}" if seed else SYNTHETIC, *files, mse_scale=1e-4)
-    if folder.is_dir():
-        return ds
-    import faiss  # here, so that importing qinco2.datasets does not load faiss
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        x = synthetic_vectors(seed)
-        index = faiss.IndexFlatL2(_SYNTH_D)  # exact: the values are small integers
-        index.add(x["base"])
-        x["groundtruth"] = index.search(x["query"], _SYNTH_K)[1].astype(np.int32)
-        for split, path in zip(("learn", "base", "query", "groundtruth"), files, strict=True):
-            write_vectors(tmp / path.name, x[split])
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not folder.is_dir():  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ds
-
-
-# ---------------------------------------------------------------------------
-# Epochs as windows over the training set
-
-
-def _check_epoch_args(
-    loop: int, batch_size: int, block_rows: int, rank: int, world_size: int
-) -> None:
-    if min(loop, batch_size, block_rows, world_size) < 1:
-        raise InputError(
-            f"loop={loop}, batch_size={batch_size}, block_rows={block_rows} and "
-            f"world_size={world_size} must all be >= 1"
-        )
-    if not 0 <= rank < world_size:
-        raise InputError(f"rank={rank}: expected 0 <= rank < world_size={world_size}")
-
-
-def epoch_length(
-    n_train: int, loop: int, batch_size: int, *, world_size: int = 1, full_pass: bool = False
-) -> int:
-    """Number of batches one process gets from :func:`epoch_batches` per epoch."""
-    rows = n_train if (full_pass or n_train <= loop) else loop
-    n_batches = -(-rows // batch_size)  # the last batch may be short
-    return n_batches // world_size if world_size > 1 else n_batches
-
-
-def _window_blocks(
-    train: np.ndarray, epoch: int, loop: int, block_rows: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted."""
-    n = len(train)
-    start = (epoch * loop) % n
-    for offset in range(0, loop, block_rows):
-        first = (start + offset) % n
-        stop = first + min(block_rows, loop - offset)
-        if stop <= n:
-            block = np.asarray(train[first:stop])
-        else:
-            block = np.concatenate([train[first:], train[: stop - n]])
-        yield block[rng.permutation(len(block))]
-
-
-def _permuted_blocks(
-    train: np.ndarray, block_rows: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """The whole training set in one random order, gathered ``block_rows`` rows at a time."""
-    order = rng.permutation(len(train))
-    for i in range(0, len(order), block_rows):
-        idx = order[i : i + block_rows]
-        sort = np.argsort(idx)  # read the file in increasing row order
-        block = np.empty((len(idx), *train.shape[1:]), dtype=train.dtype)
-        block[sort] = train[idx[sort]]
-        yield block
-
-
-def _cut(blocks: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Cut a stream of row blocks into consecutive batches (only the last may be short)."""
-    carry: np.ndarray | None = None  # the start of a batch that spans two blocks
-    for block in blocks:
-        if carry is not None:
-            need = batch_size - len(carry)
-            carry, block = np.concatenate([carry, block[:need]]), block[need:]
-            if len(carry) < batch_size:
-                continue
-            yield carry
-            carry = None
-        n_full = len(block) // batch_size * batch_size
-        for i in range(0, n_full, batch_size):
-            yield block[i : i + batch_size]
-        if n_full < len(block):
-            carry = block[n_full:]
-    if carry is not None:
-        yield carry
-
-
-def epoch_batches(
-    train: np.ndarray,
-    epoch: int,
-    *,
-    loop: int,
-    batch_size: int,
-    block_rows: int = 2_000_000,
-    rng: np.random.Generator,
-    rank: int = 0,
-    world_size: int = 1,
-    full_pass: bool = False,
-) -> Iterator[np.ndarray]:
-    """The training batches of one epoch for process ``rank``, in the file's dtype.
-
-    If the training set has more than ``loop`` rows (and not ``full_pass``),
-    epoch ``e`` covers rows ``(e * loop + j) mod n_train`` for ``j < loop``: a
-    wrapping window, so successive epochs walk through the file. The window is
-    read in blocks of ``block_rows`` consecutive rows and each block is shuffled
-    by ``rng`` when loaded (no shuffling across blocks). Otherwise the epoch is
-    one random permutation of the whole training set.
-
-    The epoch's rows are cut, in that order, into batches of ``batch_size``;
-    the last batch may be shorter (at least one row) and is kept. Batch ``i``
-    goes to process ``i % world_size``; with several processes only the first
-    ``world_size * (n_batches // world_size)`` batches are used, so that every
-    process takes the same number of steps (:func:`epoch_length`). All
-    processes must pass identically seeded generators. The batches are fresh
-    arrays, never views of the file.
-    """
-    _check_epoch_args(loop, batch_size, block_rows, rank, world_size)
-    if len(train) == 0:
-        raise InputError("the training set is empty; expected at least one row")
-    if full_pass or len(train) <= loop:
-        blocks = _permuted_blocks(train, block_rows, rng)
-    else:
-        blocks = _window_blocks(train, epoch, loop, block_rows, rng)
-    n_batches = epoch_length(len(train), loop, batch_size, world_size=world_size,
-                             full_pass=full_pass)
-    batches = itertools.islice(_cut(blocks, batch_size), n_batches * world_size)
-    return (batch for i, batch in enumerate(batches) if i % world_size == rank)
+    files = synthetic_files(root, seed=seed)
+    return Dataset(f"{SYNTHETIC}-s{seed}" if seed else SYNTHETIC, *files, mse_scale=1e-4)

@@ -11,7 +11,7 @@ All multi-byte values are little-endian.
 `open_vectors` memory-maps a file as an ``(N, D)`` array and reads no vector data,
 `count_vectors` returns ``(N, D)`` from the header and size, `read_vectors` copies a block of
 rows into memory, `write_vectors` writes any format atomically, and `fbin_to_fvecs` converts
-files larger than RAM in chunks.
+files larger than RAM in chunks. Headers and sizes are checked by :mod:`qinco2.formats_layout`.
 
 Every malformed file (also a missing one) raises `VectorFileError`, naming the file, the problem
 and how to fix it; a bad array or argument passed in raises `InputError`.
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,155 +30,24 @@ from tqdm.auto import tqdm
 
 from qinco2.atomic import atomic_open
 from qinco2.errors import InputError, VectorFileError
+from qinco2.formats_layout import (BIN_DTYPES, VECS_DTYPES, VECTOR_SUFFIXES, PathLike,
+                                   inspect_vector_file, vector_suffix)
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
-
-VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".ivecs", ".fbin", ".u8bin", ".ibin", ".npy")
-_VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
-_BIN_DTYPES = {".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".ibin": np.dtype("<i4")}
 _HEADER_CHECK_ROWS = 1 << 20  # *vecs dimension headers compared per chunk
 _FINITE_CHECK_VALUES = 1 << 24  # values tested for NaN/Inf per chunk
 _WRITE_CHUNK_BYTES = 64 << 20  # bytes of vector data converted and written per chunk
 _FLOAT32_EXACT_INT = 1 << 24  # integers up to this magnitude are exact in float32
 _INT32 = np.iinfo(np.int32)
 
-
-@dataclass(frozen=True)
-class _Layout:
-    """Shape and placement of the vectors in a file, derived from its header and size."""
-
-    n: int
-    d: int
-    dtype: np.dtype
-    offset: int = 0  # bytes before the first row (npy header, fbin header)
-    record_bytes: int = 0  # *vecs only: bytes per record, dimension header included
-    fortran: bool = False  # npy only: column-major storage
-
-
-def _suffix(path: Path) -> str:
-    """Return the lower-case suffix of ``path``, or raise if it is not a known vector format."""
-    suffix = path.suffix.lower()
-    if suffix not in VECTOR_SUFFIXES:
-        raise VectorFileError(
-            f"{path}: unknown vector file suffix {path.suffix!r}; expected one of "
-            f"{', '.join(VECTOR_SUFFIXES)}. Rename the file to its real format or convert it."
-        )
-    return suffix
-
-
-def _inspect(path: PathLike) -> tuple[Path, str, _Layout]:
-    """Check that ``path`` exists with a known suffix and read its layout (no vector data)."""
-    p = Path(path)
-    suffix = _suffix(p)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise VectorFileError(f"{p}: {what}; check the path.")
-    size = p.stat().st_size
-    if size == 0:
-        raise VectorFileError(
-            f"{p}: empty file (0 bytes); it was probably not written completely. "
-            "Regenerate or re-download it."
-        )
-    if suffix in _VECS_DTYPES:
-        layout = _vecs_layout(p, suffix, size)
-    elif suffix in _BIN_DTYPES:
-        layout = _bin_layout(p, suffix, size)
-    else:
-        layout = _npy_layout(p, size)
-    return p, suffix, layout
-
-
-def _vecs_layout(p: Path, suffix: str, size: int) -> _Layout:
-    dtype = _VECS_DTYPES[suffix]
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if len(head) < 4:
-        raise VectorFileError(
-            f"{p}: file of {size} bytes is shorter than one 4-byte record header; "
-            "the file is truncated. Regenerate or re-download it."
-        )
-    d = int(np.frombuffer(head, dtype="<i4")[0])
-    if d <= 0:
-        raise VectorFileError(
-            f"{p}: the first record header says dimension {d}, but a {suffix} record starts with a "
-            f"positive int32 dimension. Is this really a {suffix} file (not a renamed .fbin/.npy)?"
-        )
-    record = 4 + d * dtype.itemsize
-    n, rest = divmod(size, record)
-    if rest:
-        raise VectorFileError(
-            f"{p}: file size {size} bytes is not a multiple of the record size {record} bytes "
-            f"(4-byte header + {d} x {dtype.itemsize}-byte values, d={d} from the first header): "
-            f"the last record is truncated ({rest} bytes after {n} whole records). "
-            f"Re-download or regenerate the file, or cut it to {n * record} bytes "
-            f"to keep the {n} whole records."
-        )
-    return _Layout(n=n, d=d, dtype=dtype, record_bytes=record)
-
-
-def _bin_layout(p: Path, suffix: str, size: int) -> _Layout:
-    dtype = _BIN_DTYPES[suffix]
-    if size < 8:
-        raise VectorFileError(
-            f"{p}: file of {size} bytes is shorter than the 8-byte {suffix} header "
-            "(uint32 n, uint32 d); the file is truncated. Re-download or regenerate it."
-        )
-    with open(p, "rb") as f:
-        n, d = (int(v) for v in np.frombuffer(f.read(8), dtype="<u4"))
-    if d == 0:
-        raise VectorFileError(f"{p}: the header says dimension d=0 (n={n}); the file is corrupt.")
-    expected = 8 + n * d * dtype.itemsize
-    if expected != size:
-        problem = "truncated" if size < expected else "followed by extra bytes"
-        raise VectorFileError(
-            f"{p}: the header says n={n}, d={d}, so the file should be "
-            f"8 + {n}*{d}*{dtype.itemsize} = {expected} bytes, but it is {size} bytes "
-            f"(data {problem}). Re-download the file, or check that it really is a {suffix} "
-            "file (not a renamed .fvecs)."
-        )
-    return _Layout(n=n, d=d, dtype=dtype, offset=8)
-
-
-def _npy_layout(p: Path, size: int) -> _Layout:
-    try:
-        with open(p, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = f.tell()
-    except (ValueError, EOFError) as e:
-        raise VectorFileError(
-            f"{p}: not a valid .npy file ({e}); re-save it with numpy.save."
-        ) from e
-    if dtype.fields is not None or dtype.kind not in "iuf":
-        raise VectorFileError(
-            f"{p}: holds dtype {dtype}, expected an integer or float dtype; "
-            "re-save it with x.astype(np.float32)."
-        )
-    if len(shape) != 2:
-        raise VectorFileError(
-            f"{p}: holds an array of shape {shape} (rank {len(shape)}), expected a 2-D (N, D) "
-            "array; reshape it (e.g. x.reshape(len(x), -1)) and save it again."
-        )
-    expected = offset + shape[0] * shape[1] * dtype.itemsize
-    if expected != size:
-        problem = "truncated" if size < expected else "followed by extra bytes"
-        raise VectorFileError(
-            f"{p}: the .npy header says shape {shape} of {dtype}, so the file should be {expected} "
-            f"bytes, but it is {size} bytes (data {problem}). Re-save or re-download it."
-        )
-    return _Layout(n=shape[0], d=shape[1], dtype=dtype, offset=offset, fortran=fortran)
+__all__ = ["VECTOR_SUFFIXES", "count_vectors", "open_vectors", "read_vectors", "write_vectors",
+           "fbin_to_fvecs"]
 
 
 def count_vectors(path: PathLike) -> tuple[int, int]:
     """Return ``(N, D)`` of a vector file from its header and size only (reads no vectors)."""
-    _, _, layout = _inspect(path)
+    _, _, layout = inspect_vector_file(path)
     return layout.n, layout.d
 
 
@@ -190,10 +57,10 @@ def open_vectors(path: PathLike) -> np.ndarray:
     No vector data is read. For *vecs files the result is a strided view of the records
     without their dimension header; every header is checked to hold the same dimension.
     """
-    p, suffix, layout = _inspect(path)
+    p, suffix, layout = inspect_vector_file(path)
     if layout.n * layout.d == 0:
         return np.empty((layout.n, layout.d), dtype=layout.dtype)
-    if suffix in _VECS_DTYPES:
+    if suffix in VECS_DTYPES:
         raw = np.memmap(p, dtype=np.uint8, mode="r", shape=(layout.n, layout.record_bytes))
         _check_vecs_headers(p, raw[:, :4].view("<i4")[:, 0], layout.d)
         return raw[:, 4:].view(layout.dtype)
@@ -281,14 +148,14 @@ def write_vectors(path: PathLike, x: npt.ArrayLike) -> None:
     the same directory, synced and renamed, so readers never see a partial file.
     """
     p = Path(path)
-    suffix = _suffix(p)
+    suffix = vector_suffix(p)
     x_ND = _check_array(p, x)
     if suffix == ".npy":
         with _atomic_open(p) as f:
             np.save(f, x_ND, allow_pickle=False)
         return
-    is_vecs = suffix in _VECS_DTYPES
-    target = _VECS_DTYPES[suffix] if is_vecs else _BIN_DTYPES[suffix]
+    is_vecs = suffix in VECS_DTYPES
+    target = VECS_DTYPES[suffix] if is_vecs else BIN_DTYPES[suffix]
     _check_fits(p, x_ND, target, is_vecs)
     n, d = x_ND.shape
     rows = max(1, _WRITE_CHUNK_BYTES // (d * target.itemsize))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .validation import check_codes, check_finite, check_vectors
 
 RERANK_METRICS = ("sqeuclidean", "inner_product", "cosine")
 
@@ -25,7 +26,8 @@ def exact_rerank(q_QD: np.ndarray, ids_QS: np.ndarray, vectors_of, k: int, *,
                  metric: str = "sqeuclidean", batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best candidates of each query by exact ``metric``: distances ``(Q, k)``
     float32 (squared L2; inner product, descending; or 1 - cosine) and ids ``(Q, k)`` int64,
-    padded with -1 (and inf / -inf) where a query has fewer than ``k`` candidates.
+    padded with -1 (and inf / -inf) where a query has fewer than ``k`` candidates. Equal
+    distances keep the candidates' order: the earlier stage's ranking breaks the tie.
     ``vectors_of(ids_n)``: float vectors ``(n, D)`` of database rows ``ids_n``."""
     if metric not in RERANK_METRICS:
         raise InputError(f"metric must be one of {RERANK_METRICS}, got {metric!r}")
@@ -49,22 +51,22 @@ def exact_rerank(q_QD: np.ndarray, ids_QS: np.ndarray, vectors_of, k: int, *,
             dist = (x_QSD * q_QD[:, None]).sum(-1)
             dist = dist if largest else 1 - dist
         dist[~valid] = -float("inf") if largest else float("inf")
-        top = torch.topk(dist, n_keep, dim=1, largest=largest, sorted=True)
-        out_ids[a:b, :n_keep] = np.take_along_axis(ids, top.indices.numpy(), 1)
-        out_dist[a:b, :n_keep] = top.values.numpy()
+        top_dist, top_pos = torch.sort(dist, dim=1, descending=largest, stable=True)
+        out_ids[a:b, :n_keep] = np.take_along_axis(ids, top_pos[:, :n_keep].numpy(), 1)
+        out_dist[a:b, :n_keep] = top_dist[:, :n_keep].numpy()
     out_ids[~np.isfinite(out_dist)] = -1
     return out_dist, out_ids
 
 
-def _check(queries, candidates, dim: int, n_db: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    queries, candidates = np.asarray(queries), np.asarray(candidates)
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise InputError(f"queries must have shape (Q, {dim}) like the vectors, got {queries.shape}")
-    if candidates.shape[:1] != queries.shape[:1] or candidates.ndim != 2 or candidates.dtype.kind not in "iu":
-        raise InputError(f"candidates must be integer ids of shape (Q={len(queries)}, n_candidates), got "
-                         f"{candidates.shape} {candidates.dtype}")
-    if candidates.size and candidates.max() >= n_db:
-        raise InputError(f"candidate id {candidates.max()} is out of range: the vectors have {n_db} rows")
+def _check(queries, candidates, dim: int, n_db: int, k: int, dim_owner: str,
+           db: str) -> tuple[np.ndarray, np.ndarray]:
+    """Queries ``(Q, dim)`` and candidate ids ``(Q, S)``: rows of ``db`` in ``[-1, n_db)`` (-1: none)."""
+    check_vectors(queries, "queries", dim, dim_owner=dim_owner)
+    check_codes(candidates, None, "candidates", columns_are="candidate row ids per query",
+                rows=len(queries), rows_owner=f"there are {len(queries)} queries")
+    if candidates.size and not -1 <= candidates.min() <= candidates.max() < n_db:
+        raise InputError(f"candidates: values must lie in [-1, N={n_db}) (-1: no candidate), got "
+                         f"[{candidates.min()}, {candidates.max()}]; pass row ids of {db}")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     return queries, candidates.astype(np.int64)
@@ -75,14 +77,15 @@ def refine(dataset, queries, candidates, k: int, *, metric: str = "sqeuclidean",
     """Re-rank ``candidates`` ``(Q, k0)`` by exact distances to the raw ``dataset`` rows (a
     numpy array, memory-mapped or not; only candidate rows are read). Returns
     ``(distances, neighbors)``, each ``(Q, k)``."""
-    if not hasattr(dataset, "shape") or len(dataset.shape) != 2:
-        raise InputError(f"dataset must be a 2-D array (N, dim), got {type(dataset).__name__}")
-    queries, candidates = _check(queries, candidates, dataset.shape[1], len(dataset), k)
+    check_vectors(dataset, "dataset", finite=False)      # only the rows read are checked, below
+    queries, candidates = _check(queries, candidates, dataset.shape[1], len(dataset), k,
+                                 f"the dataset has dimension {dataset.shape[1]}", "the dataset")
 
     def rows(ids_n):
         order = np.argsort(ids_n, kind="stable")           # sorted reads from a memory map
         out = np.empty((len(ids_n), dataset.shape[1]), dtype=np.float32)
         out[order] = dataset[ids_n[order]]
+        check_finite(out, "dataset", row_ids=ids_n)
         return out
 
     return exact_rerank(queries, candidates, rows, k, metric=metric, batch_rows=batch_rows)
@@ -93,9 +96,9 @@ def refine_with_codec(codec, codes, queries, candidates, k: int, *, metric: str 
     """Re-rank ``candidates`` by exact distances to the vectors that ``codec`` (a trained
     :class:`~qinco2.codec.codec.QincoCodec`) decodes from ``codes`` ``(N, n_codes)``, the compact
     codes of the same database rows: no raw vectors needed."""
-    if getattr(codes, "ndim", 0) != 2 or codes.shape[1] != codec.n_codes:
-        raise InputError(f"codes must have shape (N, {codec.n_codes}) for this codec, got "
-                         f"{getattr(codes, 'shape', None)}")
-    queries, candidates = _check(queries, candidates, codec.dim, len(codes), k)
+    check_codes(codes, None, "codes", columns=codec.n_codes, columns_are="the codec's codes of each row",
+                fix="pass the database codes made by this codec")   # values: checked by decode
+    queries, candidates = _check(queries, candidates, codec.dim, len(codes), k,
+                                 f"the codec was trained on D={codec.dim}", "codes")
     return exact_rerank(queries, candidates, lambda ids_n: codec.decode(np.asarray(codes[ids_n])), k,
                         metric=metric, batch_rows=batch_rows)

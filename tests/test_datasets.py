@@ -10,18 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qinco2 import datasets
+from qinco2.codec.batches import epoch_batches, epoch_length
 from qinco2.datasets import (
     DATASETS,
     DataLimits,
     Dataset,
     dataset_names,
-    epoch_batches,
-    epoch_length,
     make_synthetic,
     resolve_dataset,
 )
 from qinco2.errors import DatasetError, InputError
 from qinco2.formats import open_vectors, read_vectors, write_vectors
+from qinco2.synthetic import synthetic_vectors
 
 SHARED_DATA = Path(datasets.__file__).resolve().parents[2] / "shared" / "data"
 LOCAL_SETS = ["sift-photos", "siftsmall", "fmnistsmall", "sigmod2024_yfcc_clip100"]
@@ -215,7 +215,7 @@ def test_synthetic_is_bit_identical(synthetic: Dataset, tmp_path: Path) -> None:
     for a, b in [(synthetic.trainset, again.trainset), (synthetic.db, again.db),
                  (synthetic.queries, again.queries), (synthetic.groundtruth, again.groundtruth)]:
         assert a != b and a.read_bytes() == b.read_bytes()
-    other = datasets.synthetic_vectors(seed=1)["query"]
+    other = synthetic_vectors(seed=1)["query"]
     assert not np.array_equal(other, synthetic.query_vectors())
 
 

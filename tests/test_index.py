@@ -10,7 +10,7 @@ from qinco2.ivfsearch.aq import additive_decode
 from qinco2.codec.codec import QincoCodec
 from qinco2.errors import DatasetError, InputError
 from qinco2.ivfsearch.shortlist import (add_codes, build_index, encode_norms, factory_string, fit_aq_tables, list_prefix,
-                          load_index, make_empty_index, pack_codes, reconstruction_norms, save_index,
+                          load_index, make_empty_index, reconstruction_norms, save_index, standalone_codes,
                           sidecar_path)
 from qinco2.ivf import train_ivf_centroids
 
@@ -81,7 +81,7 @@ def test_packer_reproduces_faiss_bytes_and_lists():
     list_nos, codes = sa[:, 0].astype(np.int64), sa[:, 1:1 + M].astype(np.int32)
     norm_bytes = encode_norms(reconstruction_norms(codes, T_MKD), 8.0, 25.0)
     assert {0, 255} <= set(norm_bytes.tolist())                # both clipped ends are exercised
-    ours = np.concatenate([list_prefix(list_nos, 1), pack_codes(codes, norm_bytes)], 1)
+    ours = standalone_codes(list_nos, codes, norm_bytes, 1)
     np.testing.assert_array_equal(ours, sa)
     theirs.add(x)
     mine = make_empty_index(centroids, T_MKD, 8.0, 25.0)

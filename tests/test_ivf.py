@@ -12,7 +12,7 @@ import torch
 
 from qinco2 import InputError, QincoCodec, open_vectors, write_vectors
 from qinco2.cli.main import main
-from qinco2.ivf import _sample, _torch_kmeans, assign_to_centroids, train_ivf_centroids
+from qinco2.ivf import _sample, assign_to_centroids, train_ivf_centroids
 from qinco2.metrics import mse
 
 K = 16
@@ -36,13 +36,13 @@ def _brute_force_ids(x, c):
 
 # ----------------------------------------------------------------------------- k-means
 
-def test_faiss_path_equals_one_faiss_kmeans_call(gauss):
-    """The per-iteration loop (for the progress bar) gives what one faiss call gives."""
-    ours = train_ivf_centroids(gauss, K, niter=5, seed=3, progress=False)
-    km = faiss.Kmeans(8, K, niter=5, seed=3, verbose=False, max_points_per_centroid=10_000)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_centroids_as_good_as_faiss_kmeans(gauss, seed):
+    ours = train_ivf_centroids(gauss, K, niter=5, seed=seed, progress=False)
+    km = faiss.Kmeans(8, K, niter=5, seed=seed, verbose=False, max_points_per_centroid=10_000)
     km.train(gauss)
-    np.testing.assert_array_equal(ours, km.centroids)
     assert ours.shape == (K, 8) and ours.dtype == np.float32
+    assert _kmeans_mse(gauss, ours) / _kmeans_mse(gauss, km.centroids) < 1.02  # no structure: ~same
 
 
 def test_kmeans_is_seeded_and_improves_with_iterations(gauss):
@@ -53,22 +53,12 @@ def test_kmeans_is_seeded_and_improves_with_iterations(gauss):
     assert _kmeans_mse(gauss, a) < _kmeans_mse(gauss, one_iter)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torch_kmeans_on_cpu_matches_faiss_mse(gauss, seed):
-    faiss_mse = _kmeans_mse(gauss, train_ivf_centroids(gauss, K, seed=seed, progress=False))
-    # 300 rows per distance block, and the data (64 kB) stay on the host: chunked path
-    c = _torch_kmeans(gauss, K, niter=20, seed=seed, device="cpu", progress=False,
-                      max_bytes=4 * K * 300)
-    assert c.shape == (K, 8) and c.dtype == np.float32
-    assert abs(_kmeans_mse(gauss, c) / faiss_mse - 1) < 0.05  # same quality within 5%
-
-
-def test_torch_kmeans_reseeds_empty_clusters():
+def test_kmeans_splits_empty_clusters():
     """16 distinct points, each repeated: a random start picks duplicates, whose clusters are
-    empty; re-seeding from random points finds all 16 (zero error)."""
+    empty; splitting the worst clusters finds all 16 (zero error)."""
     points = np.random.default_rng(5).normal(0, 10, (16, 4)).astype(np.float32)
     x = np.repeat(points, 50, axis=0)
-    c = _torch_kmeans(x, 16, niter=20, seed=0, device="cpu", progress=False)
+    c = train_ivf_centroids(x, 16, niter=20, seed=0, progress=False)
     assert np.isfinite(c).all()
     assert len(np.unique(c, axis=0)) == 16 and _kmeans_mse(x, c) < 1e-6
 

@@ -59,8 +59,12 @@ def test_search_params_validation_and_n1():
 def test_full_probe_long_shortlist_equals_exhaustive_decoded_search(env, pairwise):
     ids, stats = _search(env, pairwise, nprobe=C, quantizer_efSearch=16, nshort=NB, nmid_short=2)
     assert ids.shape == (NQ, 100) and ids.dtype == np.int64
-    np.testing.assert_array_equal(ids[:, 0], env["gt"])
-    np.testing.assert_array_equal(ids[:, :10], knn(env["queries"], env["decoded"], 10))
+    # the same neighbours as exhaustive search, compared by distance: database rows with equal
+    # codes decode to equal vectors, and such ties may come in either order
+    q, dec = env["queries"], env["decoded"]
+    dist = lambda ids_QS: ((dec[ids_QS] - q[:, None]) ** 2).sum(-1)  # noqa: E731
+    np.testing.assert_allclose(dist(ids[:, :1])[:, 0], dist(env["gt"][:, None])[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(dist(ids[:, :10]), dist(knn(q, dec, 10)), rtol=1e-6)
     assert stats["t_mid_rerank"] > 0 if pairwise else stats["t_mid_rerank"] == 0
     assert stats["t_total"] == pytest.approx(sum(stats[t] for t in search_mod.TIMERS))
 

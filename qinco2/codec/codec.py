@@ -14,6 +14,7 @@ from .encode import DEFAULT_MAX_BYTES, encode
 from ..distributed import Workers
 from ..errors import ConfigError, InputError, NotTrainedError
 from ..ivf import check_centroids
+from ..validation import check_codes, check_vectors
 from .model import PRESETS, ModelConfig, QincoModel
 from .train import TrainConfig, TrainState, fit, initialize
 
@@ -78,22 +79,9 @@ class QincoCodec:
         """Columns of the code arrays: M (plus the leading IVF id for IVF models)."""
         return self._model().n_codes
 
-    def _check_vectors(self, x, what: str = "x", dim: int | None = None) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"{what} must be a numpy array of shape (N, D), got {type(x).__name__}")
-        if x.ndim != 2:
-            raise InputError(f"{what} must be 2-D (N, D), got shape {x.shape}; use x.reshape(1, -1) for one vector")
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise InputError(f"{what} must hold floats or integers, got dtype {x.dtype}")
-        if dim is not None and x.shape[1] != dim:
-            raise InputError(f"{what} has dimension {x.shape[1]} but the codec was trained on D={dim}")
-        return x
-
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
-        if not torch.isfinite(t).all():
-            raise InputError("vectors contain NaN or Inf values; clean or drop those rows first")
-        return t
+        """Float32 rows on the device (already validated, NaN/Inf included, by ``check_vectors``)."""
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
 
     # ------------------------------------------------------------------ training
     def train(self, x_train: np.ndarray, x_val: np.ndarray | None = None, *, mse_scale: float = 1.0,
@@ -108,14 +96,14 @@ class QincoCodec:
         ``ivf_centroids``: raw-space ``(C, D)`` table used as a frozen first step (IVF model).
         ``workers``: the data-parallel processes of a launched job (:mod:`qinco2.distributed`).
         """
-        x_train = self._check_vectors(x_train, "x_train")
+        x_train = check_vectors(x_train, "x_train")
         if x_val is None:
             n_val = min(10_000, len(x_train) // 10)
             if n_val == 0:
                 raise InputError(f"{len(x_train)} training vectors are too few to hold out a validation "
                                  "set; pass x_val or more training vectors")
             x_train, x_val = x_train[:-n_val], x_train[-n_val:]
-        self._check_vectors(x_val, "x_val", x_train.shape[1])
+        check_vectors(x_val, "x_val", x_train.shape[1], dim_owner=f"x_train has dimension {x_train.shape[1]}")
         if len(x_train) < self.model_config.K:
             raise InputError(f"need at least K={self.model_config.K} training vectors, got {len(x_train)}")
         torch.manual_seed(self.train_config.seed)
@@ -154,7 +142,7 @@ class QincoCodec:
                batch_size: int = 65_536, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values."""
         model = self._model()
-        x = self._check_vectors(x, "x", model.cfg.D)
+        x = check_vectors(x, "x", model.cfg.D, dim_owner=f"the codec was trained on D={model.cfg.D}")
         A = model.cfg.A if A is None else A
         B = model.cfg.B if B is None else B
         if A < 0 or B < 1:
@@ -174,14 +162,8 @@ class QincoCodec:
         """Float32 vectors ``(N, D)`` from codes ``(N, m)``; ``m < n_codes`` decodes the prefix
         (the first ``m`` steps: a lower rate from the same model)."""
         model = self._model()
-        if not isinstance(codes, np.ndarray) or codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
-            raise InputError(f"codes must be a 2-D integer numpy array (N, m), got "
-                             f"{getattr(codes, 'shape', type(codes))} {getattr(codes, 'dtype', '')}")
-        if not 1 <= codes.shape[1] <= model.n_codes:
-            raise InputError(f"codes have {codes.shape[1]} columns, this model takes 1..{model.n_codes}")
-        sizes = np.array([s.K for s in model.steps[:codes.shape[1]]])
-        if len(codes) and (codes.min() < 0 or (codes.max(0) >= sizes).any()):
-            raise InputError(f"code values out of range: column m must be in [0, K_m) with K = {sizes.tolist()}")
+        check_codes(codes, columns=(1, model.n_codes), columns_are="a prefix of this model's steps")
+        check_codes(codes, [s.K for s in model.steps[:codes.shape[1]]], fix="pass codes made by this model")
         out = np.empty((len(codes), model.cfg.D), dtype=np.float32)
         with torch.no_grad():
             for i in range(0, len(codes), batch_size):

@@ -7,6 +7,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..kmeans import kmeans
 from .model import QincoModel
 
 
@@ -21,13 +22,6 @@ def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:
         model.scale.copy_(x.abs().max().clamp_min(1e-12))
 
 
-def _kmeans(r_ND: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    km = faiss.Kmeans(r_ND.shape[1], K, niter=10, seed=seed, max_points_per_centroid=1 << 30)
-    km.train(r_ND)
-    _, assign = km.index.search(r_ND, 1)
-    return km.centroids, assign[:, 0]
-
-
 @torch.no_grad()
 def rq_initialize(model: QincoModel, x_init: np.ndarray, noise: float, seed: int) -> None:
     """Stage-wise k-means residual quantisation in raw space, mapped into the model + noise."""
@@ -40,8 +34,9 @@ def rq_initialize(model: QincoModel, x_init: np.ndarray, noise: float, seed: int
             _, assign = faiss.knn(r, raw, 1)
             r -= raw[assign[:, 0]]
             continue
-        C_KD, assign = _kmeans(r, step.K, seed + s)
-        r -= C_KD[assign]
+        C_KD = kmeans(r, step.K, niter=10, seed=seed + s)
+        _, assign = faiss.knn(r, C_KD, 1)
+        r -= C_KD[assign[:, 0]]
         C = torch.from_numpy(C_KD)
         C = (C - mean) / scale if s == 0 else C / scale
         C = C + torch.randn(C.shape, generator=gen) * C.std() * noise

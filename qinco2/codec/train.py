@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..datasets import epoch_batches, epoch_length
 from ..distributed import Workers
-from .encode import encode
 from ..errors import ConfigError
+from .batches import epoch_batches, epoch_length
+from .encode import encode
 from .model import QincoModel
 from .rq_init import fit_normalization, rq_initialize
 
@@ -169,6 +169,21 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
+@dataclass
+class _Run:
+    """What one call of :func:`fit` carries from epoch to epoch."""
+
+    model: QincoModel
+    cfg: TrainConfig
+    workers: Workers
+    opt: torch.optim.Optimizer
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    best_weights: dict
+    writer: object | None  # a tensorboard SummaryWriter on rank 0, or None
+
+
 def _lr_for(cfg: TrainConfig, t: float, spent: float | None) -> float | None:
     """Learning rate at fractional epoch ``t``; with ``time_schedule`` the position in the
     schedule is ``spent``, the share of the time budget used, scaled to ``ramp_epochs + epochs``."""
@@ -188,12 +203,11 @@ def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, devi
     return float(workers.all_reduce_(spent, "max")[0])
 
 
-def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scaler, bar, deadline,
-                 writer, workers: Workers) -> tuple[float, list, bool]:
+def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     """One epoch of two-pass steps on this process's batches; gradients are averaged over
     the processes. Returns (mean loss, code usage per step, out_of_time)."""
-    device = model.mean.device
-    mcfg = model.cfg
+    model, cfg, state, opt, workers = run.model, run.cfg, run.state, run.opt, run.workers
+    device, mcfg = model.mean.device, model.cfg
     rng = np.random.default_rng([cfg.seed, state.epoch])
     n_batches = bar.total
     usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
@@ -211,28 +225,25 @@ def _train_epoch(model, cfg: TrainConfig, x_train, state: TrainState, opt, scale
                 used += torch.bincount(codes[:, m], minlength=used.numel())
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             loss_rec, loss_pre = model.losses(u, codes)
-        scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
+        run.scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
         spent = _time_spent(cfg, deadline, workers, device)
         if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
-            lr = _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent)
-            if lr is not None:
-                for g in opt.param_groups:
-                    g["lr"] = lr
+            _set_lr(opt, _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent))
             workers.mean_grads_(params)
-            scaler.unscale_(opt)
+            run.scaler.unscale_(opt)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            run.scaler.step(opt)
+            run.scaler.update()
             opt.zero_grad(set_to_none=True)
         state.step += 1
         losses.append(loss_rec.item() + loss_pre.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{state.best_mse:.5g}")
-        if writer is not None:
-            writer.add_scalar("train/loss_rec", loss_rec.item(), state.step)
-            writer.add_scalar("train/loss_pre", loss_pre.item(), state.step)
-            writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state.step)
+        if run.writer is not None:
+            run.writer.add_scalar("train/loss_rec", loss_rec.item(), state.step)
+            run.writer.add_scalar("train/loss_pre", loss_pre.item(), state.step)
+            run.writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state.step)
         if spent is not None and spent >= 1.0:
             out_of_time = True
             break
@@ -274,25 +285,8 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     ``workers``: data-parallel processes (each runs its share of every epoch's batches;
     gradients, statistics and validation are reduced; only rank 0 writes and logs).
     """
-    device = model.mean.device
-    opt = make_optimizer(model, cfg)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=0.1, patience=10, threshold=1e-10, min_lr=cfg.lr * 1e-2) if cfg.scheduler == "plateau" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    state = TrainState()
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if resume is not None:
-        state = TrainState(**resume["state"])
-        opt.load_state_dict(resume["optimizer"])
-        if plateau is not None and resume.get("plateau"):
-            plateau.load_state_dict(resume["plateau"])
-        if resume.get("current_state_dict") is not None:     # weights at the end of the last epoch
-            model.load_state_dict(resume["current_state_dict"])
-    else:
-        workers.broadcast_module_(model)                       # one initialisation for all
-        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    writer = _tensorboard_writer(cfg.tensorboard) if workers.is_main else None
-    mcfg = model.cfg
+    run = _start_run(model, cfg, resume, workers)
+    state, mcfg = run.state, model.cfg
     if state.init_mse is None:
         state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         _info(workers, "validation MSE after initialisation: %.6g", state.init_mse)
@@ -304,62 +298,91 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         raise ConfigError(f"an epoch of {min(len(x_train), cfg.loop)} rows in batches of {cfg.batch} gives no "
                           f"batch to each of {workers.world_size} processes; lower batch or use fewer processes")
     while True:
-        lr0 = _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, device))
-        if lr0 is not None:
-            for g in opt.param_groups:
-                g["lr"] = lr0
+        _set_lr(run.opt, _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, model.mean.device)))
         with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not (progress and workers.is_main),
                   leave=False) as bar:
-            loss, usage, out_of_time = _train_epoch(model, cfg, x_train, state, opt, scaler, bar, deadline,
-                                                    writer, workers)
+            loss, usage, out_of_time = _train_epoch(run, x_train, bar, deadline)
         val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         epoch = state.epoch
         state.epoch += 1
         state.elapsed_s = time.monotonic() - start
-        if val < state.best_mse - 1e-6:
-            state.best_mse, state.best_epoch = val, epoch
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if plateau is not None:
-            plateau.step(val)
-        resets = []
-        if cfg.codeword_reset:
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            resets = reset_unused_codewords(model, usage, cfg.init_noise, gen)
-        state.history.append(dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
-                                  lr=opt.param_groups[0]["lr"], resets=resets,
-                                  elapsed_s=round(state.elapsed_s, 2)))
-        if output is not None and workers.is_main:
-            save_checkpoint(output, mcfg.to_dict(), best_weights,
-                            _training_payload(cfg, state, opt, plateau, model.state_dict()))
-        _info(workers, "epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
-              state.best_mse, sum(resets))
-        if writer is not None:
-            writer.add_scalar("val/mse", val, epoch)
+        _end_epoch(run, epoch, loss, val, usage, output)
         if out_of_time or _should_stop(cfg, state, epoch):
             break
-    model.load_state_dict(best_weights)
-    if writer is not None:
-        writer.close()
+    model.load_state_dict(run.best_weights)
+    if run.writer is not None:
+        run.writer.close()
     workers.barrier()                                          # the file is complete for everyone
     return state
+
+
+def _start_run(model: QincoModel, cfg: TrainConfig, resume: dict | None, workers: Workers) -> _Run:
+    """Optimizer, schedule and counters of a fresh run, or of ``resume``'s run at its last epoch."""
+    device = model.mean.device
+    opt = make_optimizer(model, cfg)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=0.1, patience=10, threshold=1e-10, min_lr=cfg.lr * 1e-2) if cfg.scheduler == "plateau" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    if resume is None:
+        state = TrainState()
+        workers.broadcast_module_(model)                       # one initialisation for all
+        best_weights = _copy_weights(model)
+    else:
+        state = TrainState(**resume["state"])
+        best_weights = _copy_weights(model)                    # as loaded: the best so far
+        opt.load_state_dict(resume["optimizer"])
+        if plateau is not None and resume.get("plateau"):
+            plateau.load_state_dict(resume["plateau"])
+        if resume.get("current_state_dict") is not None:     # weights at the end of the last epoch
+            model.load_state_dict(resume["current_state_dict"])
+    writer = None
+    if cfg.tensorboard and workers.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency
+        writer = SummaryWriter(cfg.tensorboard)
+    return _Run(model, cfg, workers, opt, plateau, scaler, state, best_weights, writer)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float | None) -> None:
+    if lr is not None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+
+def _end_epoch(run: _Run, epoch: int, loss: float, val: float, usage: list, output) -> None:
+    """After epoch ``epoch``: keep the best weights, step the plateau schedule, reset unused
+    codewords, record the history and write the checkpoint (rank 0)."""
+    model, cfg, state = run.model, run.cfg, run.state
+    if val < state.best_mse - 1e-6:
+        state.best_mse, state.best_epoch = val, epoch
+        run.best_weights = _copy_weights(model)
+    if run.plateau is not None:
+        run.plateau.step(val)
+    resets = []
+    if cfg.codeword_reset:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        resets = reset_unused_codewords(model, usage, cfg.init_noise, gen)
+    state.history.append(dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
+                              lr=run.opt.param_groups[0]["lr"], resets=resets,
+                              elapsed_s=round(state.elapsed_s, 2)))
+    if output is not None and run.workers.is_main:
+        training = {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
+                    "optimizer": run.opt.state_dict(),
+                    "plateau": run.plateau.state_dict() if run.plateau else None,
+                    "current_state_dict": model.state_dict()}
+        save_checkpoint(output, model.cfg.to_dict(), run.best_weights, training)
+    _info(run.workers, "epoch %d: loss %.5f  val MSE %.6g  best %.6g  resets %s", epoch, loss, val,
+          state.best_mse, sum(resets))
+    if run.writer is not None:
+        run.writer.add_scalar("val/mse", val, epoch)
+
+
+def _copy_weights(model: QincoModel) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _info(workers: Workers, msg: str, *args) -> None:
     if workers.is_main:
         log.info(msg, *args)
-
-
-def _training_payload(cfg: TrainConfig, state: TrainState, opt, plateau, current: dict) -> dict:
-    return {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state),
-            "optimizer": opt.state_dict(), "plateau": plateau.state_dict() if plateau else None,
-            "current_state_dict": current}
-
-
-def _tensorboard_writer(logdir: str | None):
-    if not logdir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # optional dependency
-    return SummaryWriter(logdir)
 
 
 def initialize(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray) -> None:

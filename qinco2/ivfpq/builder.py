@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import InputError
-from ..kmeans import kmeans
+from ..kmeans import kmeans, progress_bar
 from .index import CHUNK_ROWS, Index, check_vectors, float_rows
 from .params import IndexParams
 
@@ -45,15 +45,15 @@ def _train_codebooks(index: Index, x_ND: torch.Tensor, gen: torch.Generator, pro
     niter = p.kmeans_n_iters
     if p.codebook_kind == "subspace":
         rows = torch.randperm(len(x_ND), generator=gen)[:cap].to(x_ND.device)
-        return kmeans(r_NSL[rows].transpose(0, 1).contiguous(), K, niter=niter, generator=gen,
-                      progress=progress, desc="PQ codebooks")
+        with progress_bar(niter, "PQ codebooks", progress) as bar:
+            return kmeans(r_NSL[rows].transpose(0, 1).contiguous(), K, niter=niter, seed=gen, progress=bar)
     books = torch.empty(index.n_lists, K, index.pq_len, device=x_ND.device)
     for l in tqdm(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
         sub_NL = r_NSL[list_nos == l].reshape(-1, index.pq_len)
         if len(sub_NL) == 0:                  # an empty list: codebook of its centre's neighbourhood
             sub_NL = r_NSL.reshape(-1, index.pq_len)
         sub_NL = sub_NL[torch.randperm(len(sub_NL), generator=gen)[:cap].to(x_ND.device)]
-        books[l] = kmeans(sub_NL[None], K, niter=niter, generator=gen)[0]
+        books[l] = kmeans(sub_NL, K, niter=niter, seed=gen)
     return books
 
 
@@ -72,8 +72,8 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
     rows = _train_rows(N, params.kmeans_trainset_fraction, params.n_lists, gen)
     x_train = float_rows(dataset[rows], device, normalize)
     log.info("IVF-PQ build: k-means of %d of %d vectors into %d lists", len(rows), N, params.n_lists)
-    centers = kmeans(x_train[None], params.n_lists, niter=params.kmeans_n_iters, generator=gen,
-                     progress=progress, desc="IVF k-means")[0]
+    with progress_bar(params.kmeans_n_iters, "IVF k-means", progress) as bar:
+        centers = kmeans(x_train, params.n_lists, niter=params.kmeans_n_iters, seed=gen, progress=bar)
     rot_dim = params.pq_dim * -(-dim // params.pq_dim)
     if rot_dim != dim or params.force_random_rotation:
         rotation = random_rotation(dim, rot_dim, gen)

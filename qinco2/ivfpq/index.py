@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .lists import InvertedLists, pack_codes, unpack_codes
+from .. import validation
+from ..packing import pack_codes, unpack_codes
+from .lists import InvertedLists
 from ..kmeans import nearest
 from .params import IndexParams
 
@@ -23,19 +24,8 @@ WORK_BYTES = 64 << 20                  # temporaries of assignment and encoding,
 
 # ---------------------------------------------------------------------------- inputs
 def check_vectors(x, what: str, dim: int | None = None) -> np.ndarray:
-    """A 2-D numpy array of a supported dtype with finite values (checked chunk by chunk)."""
-    if not isinstance(x, np.ndarray) or x.ndim != 2:
-        raise InputError(f"{what} must be a 2-D numpy array (N, dim), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in INPUT_DTYPES:
-        raise InputError(f"{what} has dtype {x.dtype}; use float32, float16, int8 or uint8")
-    if dim is not None and x.shape[1] != dim:
-        raise InputError(f"{what} has dimension {x.shape[1]} but the index has dim={dim}")
-    if x.dtype.kind == "f":
-        for i in range(0, len(x), CHUNK_ROWS):
-            if not np.isfinite(x[i:i + CHUNK_ROWS]).all():
-                bad = i + int(np.nonzero(~np.isfinite(x[i:i + CHUNK_ROWS]).all(1))[0][0])
-                raise InputError(f"{what} holds NaN or Inf values (first in row {bad}); clean the data first")
-    return x
+    """:func:`qinco2.validation.check_vectors` with the index's input dtypes and dimension."""
+    return validation.check_vectors(x, what, dim, dim_owner=f"the index has dim={dim}", dtypes=INPUT_DTYPES)
 
 
 def float_rows(x: np.ndarray, device, normalize: bool) -> torch.Tensor:

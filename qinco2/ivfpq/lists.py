@@ -5,8 +5,8 @@ first ``size[l]`` are used. With ``conservative=True`` every list holds exactly 
 (each :meth:`InvertedLists.add` rewrites the buffers); otherwise a list that overflows moves
 to the end of the buffer with a power-of-two capacity, the buffer grows by doubling and is
 compacted when more than half of it is holes, so repeated small adds cost amortised O(1) per
-vector; :meth:`InvertedLists.shrink_to_fit` compacts them after a bulk load. Codes of
-``bits`` bits are packed little-endian (code ``s`` at bit ``s * bits``).
+vector; :meth:`InvertedLists.shrink_to_fit` compacts them after a bulk load. Codes are stored
+packed by :func:`qinco2.packing.pack_codes`.
 """
 
 from __future__ import annotations
@@ -14,35 +14,6 @@ from __future__ import annotations
 import torch
 
 MIN_CAPACITY = 32
-
-
-# ---------------------------------------------------------------------------- bit packing
-def _bit_layout(n_codes: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = torch.arange(n_codes, device=device) * bits
-    return pos // 8, pos % 8
-
-
-def pack_codes(codes_NS: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(N, S)`` integer codes in ``[0, 2^bits)`` -> ``(N, S * bits / 8)`` uint8."""
-    N, S = codes_NS.shape
-    if bits == 8:
-        return codes_NS.to(torch.uint8)
-    byte_S, shift_S = _bit_layout(S, bits, codes_NS.device)
-    words_NS = codes_NS.long() << shift_S                       # spans at most two bytes
-    out = torch.zeros(N, S * bits // 8 + 1, dtype=torch.int64, device=codes_NS.device)
-    out.scatter_add_(1, byte_S.expand(N, -1), words_NS & 0xFF)
-    out.scatter_add_(1, (byte_S + 1).expand(N, -1), words_NS >> 8)
-    return out[:, :S * bits // 8].to(torch.uint8)             # bit fields never overlap: add == or
-
-
-def unpack_codes(packed_NB: torch.Tensor, n_codes: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``(N, n_codes)`` int64 codes."""
-    if bits == 8:
-        return packed_NB.long()
-    byte_S, shift_S = _bit_layout(n_codes, bits, packed_NB.device)
-    padded = torch.nn.functional.pad(packed_NB, (0, 1)).long()
-    words_NS = padded[:, byte_S] | (padded[:, byte_S + 1] << 8)
-    return (words_NS >> shift_S) & ((1 << bits) - 1)
 
 
 # ---------------------------------------------------------------------------- lists

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .lists import unpack_codes
+from ..packing import unpack_codes
 from ..rerank import refine, refine_with_codec
 from .index import Index, check_vectors, float_rows
 from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams

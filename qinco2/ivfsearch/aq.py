@@ -17,31 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-
-
-def check_codes(codes_NM, K: int | None, what: str = "codes") -> np.ndarray:
-    """``codes_NM`` as a validated 2-D integer array with values in ``[0, K)`` (unchecked if None)."""
-    if not isinstance(codes_NM, np.ndarray) or codes_NM.ndim != 2 or not np.issubdtype(codes_NM.dtype, np.integer):
-        raise InputError(f"{what} must be a 2-D integer numpy array (N, M), got "
-                         f"{getattr(codes_NM, 'shape', type(codes_NM).__name__)} {getattr(codes_NM, 'dtype', '')}")
-    if K is not None and codes_NM.size and (codes_NM.min() < 0 or codes_NM.max() >= K):
-        raise InputError(f"{what} values must lie in [0, K={K}), got [{codes_NM.min()}, {codes_NM.max()}]; "
-                         "pass the K the codes were made with")
-    return codes_NM
-
-
-def check_vectors(x_ND, n: int | None = None, what: str = "x") -> np.ndarray:
-    """``x_ND`` as a validated 2-D finite real array, with ``n`` rows when given."""
-    if not isinstance(x_ND, np.ndarray) or x_ND.ndim != 2:
-        raise InputError(f"{what} must be a 2-D numpy array (N, D), got "
-                         f"{getattr(x_ND, 'shape', type(x_ND).__name__)}")
-    if not (np.issubdtype(x_ND.dtype, np.floating) or np.issubdtype(x_ND.dtype, np.integer)):
-        raise InputError(f"{what} must hold floats or integers, got dtype {x_ND.dtype}")
-    if n is not None and len(x_ND) != n:
-        raise InputError(f"{what} has {len(x_ND)} rows but the codes have {n}; pass one row per code row")
-    if np.issubdtype(x_ND.dtype, np.floating) and not np.isfinite(x_ND).all():
-        raise InputError(f"{what} contains NaN or Inf values; clean or drop those rows first")
-    return x_ND
+from ..validation import check_codes, check_vectors
 
 
 def fit_additive_codebooks(codes_NM: np.ndarray, targets_ND: np.ndarray, K: int, *,
@@ -53,7 +29,8 @@ def fit_additive_codebooks(codes_NM: np.ndarray, targets_ND: np.ndarray, K: int,
     Codes never used get all-zero table rows.
     """
     codes_NM = check_codes(codes_NM, K)
-    targets_ND = check_vectors(targets_ND, len(codes_NM), "targets")
+    targets_ND = check_vectors(targets_ND, "targets", rows=len(codes_NM),
+                               rows_owner=f"the codes have {len(codes_NM)}", fix="pass one row per code row")
     if not ridge > 0:
         raise InputError(f"ridge must be > 0 (the normal equations are singular without it), got {ridge}")
     N, M = codes_NM.shape
@@ -79,9 +56,7 @@ def additive_decode(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
     if T_MKD.ndim != 3:
         raise InputError(f"tables must have shape (M, K, D), got {T_MKD.shape}")
     M, K, D = T_MKD.shape
-    codes_NM = check_codes(codes_NM, K)
-    if codes_NM.shape[1] != M:
-        raise InputError(f"codes have {codes_NM.shape[1]} columns but there are M={M} tables")
+    codes_NM = check_codes(codes_NM, K, columns=M, columns_are=f"M={M} columns, one per table")
     out = np.zeros((len(codes_NM), D), dtype=np.float32)
     for m in range(M):
         out += T_MKD[m][codes_NM[:, m]]

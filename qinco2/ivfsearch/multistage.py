@@ -29,6 +29,7 @@ from ..atomic import atomic_open
 from ..errors import ConfigError, InputError
 from ..metrics import recall_at
 from ..rerank import exact_rerank
+from ..validation import check_codes, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,12 @@ def _exact_top(q_QD: np.ndarray, ids_QS: np.ndarray, decode, db_codes, n: int, b
 
 
 def _check_search_inputs(index, codec, db_codes, queries) -> np.ndarray:
-    if not isinstance(queries, np.ndarray) or queries.ndim != 2 or queries.shape[1] != index.d:
-        raise InputError(f"queries must be a 2-D array (Q, D={index.d}), got "
-                         f"{getattr(queries, 'shape', type(queries).__name__)}")
-    if len(db_codes) != index.ntotal:
-        raise InputError(f"db_codes has {len(db_codes)} rows but the index holds {index.ntotal} vectors; "
-                         "pass the codes the index was built from")
-    if db_codes.ndim != 2 or db_codes.shape[1] != codec.n_codes:
-        raise InputError(f"db_codes must have the codec's {codec.n_codes} columns (IVF id, then M codes), "
-                         f"got shape {db_codes.shape}")
+    """Float32 queries; ``db_codes`` must be the codes the index was built from (values: by decode)."""
+    check_vectors(queries, "queries", index.d, dim_owner=f"the index has dim={index.d}")
+    check_codes(db_codes, None, "db_codes", columns=codec.n_codes,
+                columns_are="1+M columns: the IVF id, then M step codes", rows=index.ntotal,
+                rows_owner=f"the index holds {index.ntotal} vectors",
+                fix="pass the codes the index was built from")
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
+from .aq import additive_decode, fit_additive_codebooks
 from ..checkpoint import atomic_torch_save, load_tagged
+from ..kmeans import kmeans
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..metrics import mse
+from ..validation import check_codes, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +39,10 @@ def _nearest(x_CD: np.ndarray, centroids_KD: np.ndarray) -> np.ndarray:
 
 def weighted_kmeans(x_CD: np.ndarray, weights_C: np.ndarray, k: int, rng: np.random.Generator,
                     max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted Lloyd: init with ``k`` distinct rows drawn with probability ∝ weight, at most
-    ``max_iter`` iterations, stop when no assignment changes. Returns (centroids, assignment)."""
-    w = weights_C.astype(np.float64)
-    centroids = x_CD[rng.choice(len(x_CD), size=k, replace=False, p=w / w.sum())].astype(np.float64)
-    assign = _nearest(x_CD, centroids)
-    for _ in range(max_iter):
-        mass = np.bincount(assign, weights=w, minlength=k)
-        sums = torch.zeros(centroids.shape, dtype=torch.float64).index_add_(
-            0, torch.from_numpy(assign), torch.from_numpy(x_CD * w[:, None])).numpy()
-        filled = mass > 0                      # clusters without weight keep their centroid
-        centroids[filled] = sums[filled] / mass[filled, None]
-        new = _nearest(x_CD, centroids)
-        if np.array_equal(new, assign):
-            break
-        assign = new
-    return centroids, assign
+    """:func:`qinco2.kmeans.kmeans` with weights (seeded from ``rng``, at most ``max_iter``
+    iterations). Returns (float32 centroids, assignment)."""
+    centroids = kmeans(x_CD, k, niter=max_iter, weights=weights_C, seed=int(rng.integers(1 << 62)))
+    return centroids, _nearest(x_CD, centroids)
 
 
 def ivf_subcodes(centroids_CD: np.ndarray, weights_C: np.ndarray, levels: int, K: int,
@@ -146,16 +136,14 @@ class PairwiseDecoder:
             raise ConfigError("need at least two code columns to form pairs: M=1 needs ivf_subcode_levels >= 1")
         return J
 
-    def _check_codes(self, codes, n_ivf: int) -> np.ndarray:
-        codes = check_codes(codes, None)
-        if codes.shape[1] < 2:
-            raise InputError(f"codes must have 1+M >= 2 columns (IVF id, then step codes), got {codes.shape[1]}")
-        if len(codes) and not 0 <= codes[:, 0].min() <= codes[:, 0].max() < n_ivf:
-            raise InputError(f"IVF ids (column 0) must lie in [0, C={n_ivf}), got "
-                             f"[{codes[:, 0].min()}, {codes[:, 0].max()}]")
-        if len(codes) and not 0 <= codes[:, 1:].min() <= codes[:, 1:].max() < self.K:
-            raise InputError(f"step codes (columns 1..M) must lie in [0, K={self.K}), got "
-                             f"[{codes[:, 1:].min()}, {codes[:, 1:].max()}]; construct the decoder with the codes' K")
+    def _check_codes(self, codes, n_ivf: int, M: int | None = None) -> np.ndarray:
+        """Codes ``(N, 1+M)``: IVF ids in ``[0, n_ivf)``, step codes in ``[0, K)``."""
+        check_codes(codes, None, "codes", columns=(2, None) if M is None else 1 + M,
+                    columns_are="1+M columns: the IVF id, then M step codes")
+        check_codes(codes[:, :1], n_ivf, "codes column 0 (IVF ids)", K_name="C",
+                    fix="were these codes made with these centroids?")
+        check_codes(codes[:, 1:], self.K, "codes columns 1..M (step codes)",
+                    fix="construct the decoder with the codes' K")
         return codes
 
     def _trained(self) -> None:
@@ -174,10 +162,10 @@ class PairwiseDecoder:
         """Fit sub-codes and pair tables on training codes ``(N, 1+M)`` of raw vectors ``x_ND``."""
         centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
         codes = self._check_codes(codes, len(centroids))
-        x_ND = check_vectors(x_ND, len(codes), "x")
-        if x_ND.shape[1] != centroids.shape[1] or len(codes) == 0:
-            raise InputError(f"need N >= 1 vectors of the centroids' dimension D={centroids.shape[1]}, "
-                             f"got x of shape {x_ND.shape}")
+        x_ND = check_vectors(x_ND, "x", centroids.shape[1], dim_owner=f"ivf_centroids have D={centroids.shape[1]}",
+                             rows=len(codes), rows_owner=f"the codes have {len(codes)}")
+        if len(codes) == 0:
+            raise InputError("codes and x are empty; training needs at least one vector")
         M = codes.shape[1] - 1
         J = self._check_params(M)
         weights = np.bincount(codes[:, 0], minlength=len(centroids)).astype(np.float64)
@@ -199,7 +187,9 @@ class PairwiseDecoder:
         step codes alone. Fitted and measured on all the given rows."""
         self._trained()
         codes = self._check_codes(codes, len(self.ivf_centroids_))
-        x_ND = check_vectors(x_ND, len(codes), "x")
+        D = self.ivf_centroids_.shape[1]
+        x_ND = check_vectors(x_ND, "x", D, dim_owner=f"the decoder was trained on D={D}",
+                             rows=len(codes), rows_owner=f"the codes have {len(codes)}")
         cols, t = self._columns_and_targets(codes, x_ND)
         tables = fit_additive_codebooks(cols, t, self.K)
         return mse(t, additive_decode(cols, tables))
@@ -208,9 +198,7 @@ class PairwiseDecoder:
     def decode(self, codes, *, batch_size: int = 65_536) -> np.ndarray:
         """Float32 raw-space vectors ``(N, D)`` from codes ``(N, 1+M)``."""
         self._trained()
-        codes = self._check_codes(codes, len(self.ivf_centroids_))
-        if codes.shape[1] != 1 + self.M_:
-            raise InputError(f"codes have {codes.shape[1]} columns, this decoder takes 1+M={1 + self.M_}")
+        codes = self._check_codes(codes, len(self.ivf_centroids_), self.M_)
         out = np.empty((len(codes), self.ivf_centroids_.shape[1]), dtype=np.float32)
         for i in range(0, len(codes), batch_size):
             c = codes[i:i + batch_size]

@@ -28,9 +28,11 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .aq import additive_decode, check_codes, check_vectors, fit_additive_codebooks
+from .aq import additive_decode, fit_additive_codebooks
 from ..atomic import atomic_open, atomic_path
+from ..packing import pack_codes
 from ..errors import DatasetError, InputError
+from ..validation import check_codes, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,17 @@ def encode_norms(norms_N: np.ndarray, norm_min: float, norm_max: float) -> np.nd
     return np.clip(np.floor(x1), 0, 255).astype(np.uint8)
 
 
-def pack_codes(codes_NM: np.ndarray, norm_codes_N: np.ndarray) -> np.ndarray:
-    """Stored codes ``(N, M+1)`` uint8: the M step codes (each < 256), then the norm byte."""
-    codes_NM = check_codes(codes_NM, 1 << NBITS)
-    return np.concatenate([codes_NM.astype(np.uint8), np.asarray(norm_codes_N, np.uint8)[:, None]], axis=1)
-
-
 def list_prefix(list_nos_N: np.ndarray, coarse_size: int) -> np.ndarray:
     """The coarse code of faiss ``IndexIVF.encode_listno``: list number, little-endian bytes."""
     return np.ascontiguousarray(np.asarray(list_nos_N, dtype="<u8")[:, None]).view(np.uint8)[:, :coarse_size]
+
+
+def standalone_codes(list_nos_N: np.ndarray, codes_NM: np.ndarray, norm_codes_N: np.ndarray,
+                     coarse_size: int) -> np.ndarray:
+    """faiss' standalone codes ``(N, coarse_size + M + 1)`` uint8 of the IVF-RQ index: the list
+    number, the M step codes packed in 8 bits each, then the norm byte."""
+    return np.concatenate([list_prefix(list_nos_N, coarse_size), pack_codes(codes_NM, NBITS),
+                           np.asarray(norm_codes_N, np.uint8)[:, None]], axis=1)
 
 
 def reconstruction_norms(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
@@ -81,20 +85,13 @@ def reconstruction_norms(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- checks
 def _check_ivf_codes(codes, C: int, M: int | None, what: str, scan: bool = True) -> np.ndarray:
     """Shape checks; with ``scan``, also the value ranges (a pass over all the codes)."""
-    if not isinstance(codes, np.ndarray) or codes.ndim != 2 or codes.dtype.kind not in "iu":
-        raise InputError(f"{what} must be a 2-D integer numpy array (N, 1+M), got "
-                         f"{getattr(codes, 'shape', type(codes).__name__)} {getattr(codes, 'dtype', '')}")
-    if codes.shape[1] < 2 or (M is not None and codes.shape[1] != 1 + M):
-        raise InputError(f"{what} must have 1+M columns (IVF id, then M step codes), got "
-                         f"{codes.shape[1]}" + (f" (expected {1 + M})" if M is not None else ""))
-    if not scan:
-        return codes
-    if len(codes) and not 0 <= codes[:, 0].min() <= codes[:, 0].max() < C:
-        raise InputError(f"{what}: IVF ids (column 0) must lie in [0, C={C}), got [{codes[:, 0].min()}, "
-                         f"{codes[:, 0].max()}]; were these codes made with these centroids?")
-    if len(codes) and not 0 <= codes[:, 1:].min() <= codes[:, 1:].max() < 1 << NBITS:
-        raise InputError(f"{what}: step codes must lie in [0, 256) for the RQ{{M}}x8 index, got "
-                         f"[{codes[:, 1:].min()}, {codes[:, 1:].max()}]; the index needs a K=256 model")
+    check_codes(codes, None, what, columns=(2, None) if M is None else 1 + M,
+                columns_are="1+M columns: the IVF id, then M step codes")
+    if scan:
+        check_codes(codes[:, :1], C, f"{what} column 0 (IVF ids)", K_name="C",
+                    fix="were these codes made with these centroids?")
+        check_codes(codes[:, 1:], 1 << NBITS, f"{what} columns 1..M (step codes)",
+                    fix="the RQ{M}x8 index stores 8-bit codes and needs a K=256 model")
     return codes
 
 
@@ -146,7 +143,7 @@ def add_codes(index: faiss.Index, T_MKD: np.ndarray, db_codes, *, start_id: int 
     for i in tqdm(range(0, len(db_codes), batch), desc="add", disable=not progress, leave=False):
         codes = _check_ivf_codes(np.asarray(db_codes[i:i + batch]), index.nlist, rq.M, "db_codes")
         norm_codes = encode_norms(reconstruction_norms(codes[:, 1:], T_MKD), rq.norm_min, rq.norm_max)
-        sa_codes = np.concatenate([list_prefix(codes[:, 0], coarse), pack_codes(codes[:, 1:], norm_codes)], 1)
+        sa_codes = standalone_codes(codes[:, 0], codes[:, 1:], norm_codes, coarse)
         ids = np.arange(start_id + i, start_id + i + len(codes), dtype=np.int64)
         index.add_sa_codes(np.ascontiguousarray(sa_codes), ids)
 

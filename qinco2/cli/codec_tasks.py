@@ -1,0 +1,129 @@
+"""The codec tasks of the command line: ``train``, ``eval``, ``eval_valset``, ``encode``,
+``demo`` and ``search`` without ``index=`` (exhaustive search over the decoded database).
+
+    qinco2 task=train model_args=qinco2-S db=sift-photos M=8 output=runs/s8.pt
+    qinco2 task=eval model=runs/s8.pt db=sift-photos A=16 B=32
+    qinco2 task=encode model=runs/s8.pt db=sift-photos output=runs/s8_db.npz
+
+Each task calls :mod:`qinco2.codec` and prints; the library is imported inside the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import (arch_overrides, data_limits, launched_rank, launched_workers, load_codec,
+                     open_dataset, print_table, require)
+from .config import TRAIN_KEYS, CliArgs
+
+log = logging.getLogger(__name__)
+
+
+def task_train(args: CliArgs, given: set[str], device: str) -> dict:
+    from ..codec.codec import QincoCodec
+    from ..formats import read_vectors
+
+    output = require(args, "output", "path of the model file to write, e.g. model.pt")
+    arch = arch_overrides(args, given)
+    from_file = args.model or (output if args.resume and Path(output).is_file() else None)
+    if from_file and (arch or args.model_args):
+        log.warning("the architecture is read from %s; ignoring model_args and %s",
+                    from_file, ", ".join(sorted(arch)) or "no other key")
+    training = {k: getattr(args, k) for k in TRAIN_KEYS if k in given}
+    if "ds.loop" in given:
+        training["loop"] = args.ds.loop
+    preset = args.model_args or "qinco2-S"
+    if not args.model_args and not from_file:
+        log.info("no model_args given: using the qinco2-S preset")
+    codec = QincoCodec.from_preset(preset, device=device, **arch, **training)
+    ds = open_dataset(args)
+    x_train, x_val = ds.train_val(data_limits(args))
+    ivf = read_vectors(args.ivf_centroids, dtype=np.float32) if args.ivf_centroids else None
+    log.info("training %s on %s: %d training and %d validation vectors of D=%d, device %s",
+             preset, ds.name, len(x_train), len(x_val), x_train.shape[1], device)
+    codec.train(x_train, x_val, mse_scale=ds.mse_scale, output=output, resume=args.resume,
+                init_model=args.model, ivf_centroids=ivf, progress=args.verbose,
+                workers=launched_workers(args))
+    state, cfg = codec.train_state_, codec.model_.cfg
+    result = {"task": "train", "output": output, "dataset": ds.name, "D": cfg.D, "M": cfg.M,
+              "K": cfg.K, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
+              "init_val_mse": state.init_mse, "val_mse": state.best_mse,
+              "train_s": round(state.elapsed_s, 1)}
+    if launched_rank() == 0:
+        print_table([[k, v] for k, v in result.items() if k != "task"])
+    return result
+
+
+def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
+    from ..codec.evaluate import evaluate_mse
+
+    codec = load_codec(args, given, device)
+    ds = open_dataset(args)
+    r = evaluate_mse(codec, ds.database(data_limits(args)), ds.mse_scale, prefixes=True,
+                     progress=args.verbose)
+    print_table([[m + 1, u, h, p] for m, (u, h, p) in
+                 enumerate(zip(r["code_usage"], r["entropy_bits"], r["prefix_mse"]))],
+                ["step", "used/K", "entropy (bits)", "MSE of prefix"])
+    print(f"database MSE ({r['n']} vectors, dataset {ds.name}): {r['mse']:.6g}")
+    return {"task": "eval", "model": args.model, "dataset": ds.name, **r}
+
+
+def task_eval_valset(args: CliArgs, given: set[str], device: str) -> dict:
+    from ..codec.evaluate import evaluate_mse
+
+    codec = load_codec(args, given, device)
+    ds = open_dataset(args)
+    _, x_val = ds.train_val(data_limits(args))
+    r = evaluate_mse(codec, x_val, ds.mse_scale, progress=args.verbose)
+    print(f"validation MSE ({r['n']} vectors, dataset {ds.name}): {r['mse']:.6g}")
+    return {"task": "eval_valset", "model": args.model, "dataset": ds.name, **r}
+
+
+def task_search_exhaustive(args: CliArgs, given: set[str], device: str) -> dict:
+    """``task=search`` without ``index=``: the queries against the whole decoded database."""
+    from ..codec.evaluate import evaluate_search
+
+    codec = load_codec(args, given, device)
+    ds = open_dataset(args)
+    r = evaluate_search(codec, ds.database(data_limits(args)), ds.query_vectors(),
+                        ds.ground_truth(), progress=args.verbose)
+    print_table([[k, v] for k, v in r.items()])
+    return {"task": "search", "model": args.model, "dataset": ds.name, **r}
+
+
+def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
+    from ..codec.codes_io import encode_to_npz
+
+    output = require(args, "output", "path of the .npz file to write")
+    codec = load_codec(args, given, device)
+    ds = open_dataset(args)
+    limits = data_limits(args)
+    parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
+    r = encode_to_npz(codec, parts, output, progress=args.verbose, shard_rows=args.shard_rows,
+                      workers=launched_workers(args))
+    what = "training set (training then validation rows)" if args.encode_trainset else "database"
+    if launched_rank() == 0:
+        print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")
+    return {"task": "encode", "output": output, "dataset": ds.name, "split": what,
+            "shape": r["shape"], "model_sha": r["model_sha"]}
+
+
+def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
+    from ..codec.evaluate import run_demo
+
+    output = args.output or "qinco2-demo.pt"
+    start = time.perf_counter()
+    r = run_demo(output, device=device, progress=args.verbose)
+    q, rq = r["qinco2"], r["rq"]
+    print(f"synthetic set: D={r['D']}, {r['n_train']} training / {r['n_val']} validation / "
+          f"{r['n_db']} database vectors, {r['n_queries']} queries; {r['M']} x {r['K']} codes")
+    print_table([["QINCo2", q["mse"], q["R@1"], q["R@10"], q["R@100"]],
+                 [f"faiss RQ (beam {rq['beam']})", rq["mse"], rq["R@1"], rq["R@10"], rq["R@100"]]],
+                ["codec", "MSE", "R@1", "R@10", "R@100"])
+    print(f"QINCo2 trained {r['epochs_run']} epochs in {r['train_s']} s on {r['device']}; "
+          f"model written to {output}; total {time.perf_counter() - start:.0f} s")
+    return {"task": "demo", **r}

@@ -1,0 +1,153 @@
+"""On-disk layout of each vector file format: suffixes, dtypes, headers and size checks.
+
+:func:`inspect_vector_file` reads a file's header and size (no vector data) and returns
+its :class:`Layout`, or raises `VectorFileError` saying what is wrong and how to fix it.
+The formats themselves are described in :mod:`qinco2.formats`, which reads and writes them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qinco2.errors import VectorFileError
+
+PathLike = str | os.PathLike[str]
+
+VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".ivecs", ".fbin", ".u8bin", ".ibin", ".npy")
+VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
+BIN_DTYPES = {".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".ibin": np.dtype("<i4")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape and placement of the vectors in a file, derived from its header and size."""
+
+    n: int
+    d: int
+    dtype: np.dtype
+    offset: int = 0  # bytes before the first row (npy header, fbin header)
+    record_bytes: int = 0  # *vecs only: bytes per record, dimension header included
+    fortran: bool = False  # npy only: column-major storage
+
+
+def vector_suffix(path: Path) -> str:
+    """Return the lower-case suffix of ``path``, or raise if it is not a known vector format."""
+    suffix = path.suffix.lower()
+    if suffix not in VECTOR_SUFFIXES:
+        raise VectorFileError(
+            f"{path}: unknown vector file suffix {path.suffix!r}; expected one of "
+            f"{', '.join(VECTOR_SUFFIXES)}. Rename the file to its real format or convert it."
+        )
+    return suffix
+
+
+def inspect_vector_file(path: PathLike) -> tuple[Path, str, Layout]:
+    """Check that ``path`` exists with a known suffix and read its layout (no vector data)."""
+    p = Path(path)
+    suffix = vector_suffix(p)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise VectorFileError(f"{p}: {what}; check the path.")
+    size = p.stat().st_size
+    if size == 0:
+        raise VectorFileError(
+            f"{p}: empty file (0 bytes); it was probably not written completely. "
+            "Regenerate or re-download it."
+        )
+    if suffix in VECS_DTYPES:
+        layout = _vecs_layout(p, suffix, size)
+    elif suffix in BIN_DTYPES:
+        layout = _bin_layout(p, suffix, size)
+    else:
+        layout = _npy_layout(p, size)
+    return p, suffix, layout
+
+
+def _vecs_layout(p: Path, suffix: str, size: int) -> Layout:
+    dtype = VECS_DTYPES[suffix]
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if len(head) < 4:
+        raise VectorFileError(
+            f"{p}: file of {size} bytes is shorter than one 4-byte record header; "
+            "the file is truncated. Regenerate or re-download it."
+        )
+    d = int(np.frombuffer(head, dtype="<i4")[0])
+    if d <= 0:
+        raise VectorFileError(
+            f"{p}: the first record header says dimension {d}, but a {suffix} record starts with a "
+            f"positive int32 dimension. Is this really a {suffix} file (not a renamed .fbin/.npy)?"
+        )
+    record = 4 + d * dtype.itemsize
+    n, rest = divmod(size, record)
+    if rest:
+        raise VectorFileError(
+            f"{p}: file size {size} bytes is not a multiple of the record size {record} bytes "
+            f"(4-byte header + {d} x {dtype.itemsize}-byte values, d={d} from the first header): "
+            f"the last record is truncated ({rest} bytes after {n} whole records). "
+            f"Re-download or regenerate the file, or cut it to {n * record} bytes "
+            f"to keep the {n} whole records."
+        )
+    return Layout(n=n, d=d, dtype=dtype, record_bytes=record)
+
+
+def _bin_layout(p: Path, suffix: str, size: int) -> Layout:
+    dtype = BIN_DTYPES[suffix]
+    if size < 8:
+        raise VectorFileError(
+            f"{p}: file of {size} bytes is shorter than the 8-byte {suffix} header "
+            "(uint32 n, uint32 d); the file is truncated. Re-download or regenerate it."
+        )
+    with open(p, "rb") as f:
+        n, d = (int(v) for v in np.frombuffer(f.read(8), dtype="<u4"))
+    if d == 0:
+        raise VectorFileError(f"{p}: the header says dimension d=0 (n={n}); the file is corrupt.")
+    expected = 8 + n * d * dtype.itemsize
+    if expected != size:
+        problem = "truncated" if size < expected else "followed by extra bytes"
+        raise VectorFileError(
+            f"{p}: the header says n={n}, d={d}, so the file should be "
+            f"8 + {n}*{d}*{dtype.itemsize} = {expected} bytes, but it is {size} bytes "
+            f"(data {problem}). Re-download the file, or check that it really is a {suffix} "
+            "file (not a renamed .fvecs)."
+        )
+    return Layout(n=n, d=d, dtype=dtype, offset=8)
+
+
+def _npy_layout(p: Path, size: int) -> Layout:
+    try:
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = f.tell()
+    except (ValueError, EOFError) as e:
+        raise VectorFileError(
+            f"{p}: not a valid .npy file ({e}); re-save it with numpy.save."
+        ) from e
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise VectorFileError(
+            f"{p}: holds dtype {dtype}, expected an integer or float dtype; "
+            "re-save it with x.astype(np.float32)."
+        )
+    if len(shape) != 2:
+        raise VectorFileError(
+            f"{p}: holds an array of shape {shape} (rank {len(shape)}), expected a 2-D (N, D) "
+            "array; reshape it (e.g. x.reshape(len(x), -1)) and save it again."
+        )
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    if expected != size:
+        problem = "truncated" if size < expected else "followed by extra bytes"
+        raise VectorFileError(
+            f"{p}: the .npy header says shape {shape} of {dtype}, so the file should be {expected} "
+            f"bytes, but it is {size} bytes (data {problem}). Re-save or re-download it."
+        )
+    return Layout(n=shape[0], d=shape[1], dtype=dtype, offset=offset, fortran=fortran)
