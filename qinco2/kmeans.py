@@ -253,7 +253,8 @@ def kmeans(x, K: int, *, niter: int = 20, weights=None, init=None, seed: int | t
     w_N = _check_weights(weights, N)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     c_GKD = _initial_centroids(points, K, init, w_N, gen)
-    rows = max(1, max_bytes // (4 * G * (K + 5 * D + 6)))  # f32 distances and rows, f64 rows, ids
+    dist_cells = 0 if points.device.type == "cpu" else K   # faiss blocks its distances itself
+    rows = max(1, max_bytes // (4 * G * (dist_cells + 5 * D + 6)))  # f32 distances, f32/f64 rows, ids
     total = G * (N if w_N is None else float(w_N.sum()))
     w_N = None if w_N is None else w_N.to(points.device)
     for iteration in range(1, niter + 1):
