@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import faiss
 import numpy as np
 import torch
-
 from bench_codecs import environment
+
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
 from qinco2.codec.encode import encode
 from qinco2.codec.faiss_export import to_faiss_index_qinco

@@ -23,15 +23,15 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
 from bench_codecs import QINCO_SETTINGS, environment
+
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
 from qinco2.codec.codes_io import encode_to_npz, load_encoded, model_sha
-from qinco2.ivfsearch.shortlist import build_index, factory_string, load_index, save_index
 from qinco2.ivf import train_ivf_centroids
-from qinco2.metrics import knn, mse, recall_at
-from qinco2.ivfsearch.pairwise import PairwiseDecoder
 from qinco2.ivfsearch.multistage import pareto_front, plot_pareto, sweep
+from qinco2.ivfsearch.pairwise import PairwiseDecoder
+from qinco2.ivfsearch.shortlist import build_index, factory_string, load_index, save_index
+from qinco2.metrics import knn, mse, recall_at
 
 log = logging.getLogger("bench_ivf_search")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
 from bench_codecs import environment
+
 from qinco2 import DataLimits, QincoCodec, ivfpq, resolve_dataset
 from qinco2.metrics import neighbor_recall, recall_at
 

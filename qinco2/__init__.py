@@ -12,8 +12,7 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 
 from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, encode_to_npz, load_encoded
 from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
-from .errors import (ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError,
-                     QincoError, VectorFileError)
+from .errors import ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError, QincoError, VectorFileError
 from .formats import count_vectors, open_vectors, read_vectors, write_vectors
 from .ivf import assign_to_centroids, train_ivf_centroids
 

@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 
 from qinco2.atomic import atomic_open
 from qinco2.errors import InputError, VectorFileError
-from qinco2.formats_layout import (BIN_DTYPES, VECS_DTYPES, VECTOR_SUFFIXES, PathLike,
-                                   inspect_vector_file, vector_suffix)
+from qinco2.formats_layout import BIN_DTYPES, VECS_DTYPES, VECTOR_SUFFIXES, PathLike, inspect_vector_file, vector_suffix
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import faiss
 import json
 
+import faiss
 import numpy as np
 import pytest
 import torch

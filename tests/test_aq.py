@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.errors import InputError
+from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.metrics import mse
 
 

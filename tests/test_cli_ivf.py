@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli as _run
 
 from qinco2 import write_vectors
-from qinco2.cli.main import main, parse_args, run
+from qinco2.cli.main import parse_args, run
 from qinco2.ivfsearch.shortlist import sidecar_path
 from qinco2.metrics import knn
 

@@ -8,10 +8,9 @@ import torch
 
 from qinco2.checkpoint import FORMAT_TAG, FORMAT_VERSION, atomic_torch_save
 from qinco2.codec.codec import QincoCodec
+from qinco2.codec.model import ModelConfig
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from qinco2.metrics import mse
-from qinco2.codec.model import ModelConfig
-
 
 # ----------------------------------------------------------------------------- numpy boundary
 

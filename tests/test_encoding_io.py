@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2 import (DatasetError, InputError, QincoCodec, encode_to_npz, load_encoded,
-                    open_vectors, write_vectors)
+from qinco2 import DatasetError, InputError, QincoCodec, encode_to_npz, load_encoded, open_vectors, write_vectors
 from qinco2.cli.main import main
 from qinco2.codec.codes_io import model_sha
-from qinco2.ivf import assign_to_centroids
 from qinco2.codec.model import ModelConfig
+from qinco2.ivf import assign_to_centroids
 
 D = 8
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from qinco2 import InputError, QincoCodec
-from qinco2.codec.evaluate import (compare_with_rq, evaluate_mse, evaluate_prefixes,
-                             evaluate_search, run_demo)
+from qinco2.codec.evaluate import compare_with_rq, evaluate_mse, evaluate_prefixes, evaluate_search, run_demo
 from qinco2.metrics import knn, mse
 
 # de=None (= D): no random projections at initialisation, so every step starts as an RQ step

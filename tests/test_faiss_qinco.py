@@ -16,8 +16,8 @@ if not hasattr(faiss, "QINCo"):
     pytest.skip("this faiss has no QINCo (needs faiss >= 1.9)", allow_module_level=True)
 
 from qinco2.codec.encode import beam_search  # noqa: E402
-from qinco2.errors import ConfigError  # noqa: E402
 from qinco2.codec.faiss_export import to_faiss_index_qinco, to_faiss_qinco  # noqa: E402
+from qinco2.errors import ConfigError  # noqa: E402
 
 D, K, M, L, H = 8, 16, 3, 2, 12
 

@@ -6,13 +6,24 @@ import faiss
 import numpy as np
 import pytest
 
-from qinco2.ivfsearch.aq import additive_decode
 from qinco2.codec.codec import QincoCodec
 from qinco2.errors import DatasetError, InputError
-from qinco2.ivfsearch.shortlist import (add_codes, build_index, encode_norms, factory_string, fit_aq_tables, list_prefix,
-                          load_index, make_empty_index, reconstruction_norms, save_index, standalone_codes,
-                          sidecar_path)
 from qinco2.ivf import train_ivf_centroids
+from qinco2.ivfsearch.aq import additive_decode
+from qinco2.ivfsearch.shortlist import (
+    add_codes,
+    build_index,
+    encode_norms,
+    factory_string,
+    fit_aq_tables,
+    list_prefix,
+    load_index,
+    make_empty_index,
+    reconstruction_norms,
+    save_index,
+    sidecar_path,
+    standalone_codes,
+)
 
 C, D, M, K = 8, 8, 2, 256
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qinco2.codec.model import PRESETS, ModelConfig, QincoModel, StepNetwork, count_parameters, expected_parameter_count
 from qinco2.errors import ConfigError
-from qinco2.codec.model import (PRESETS, ModelConfig, QincoModel, StepNetwork, count_parameters,
-                          expected_parameter_count)
-
 
 # ----------------------------------------------------------------------------- configs
 

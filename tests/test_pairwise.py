@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.checkpoint import atomic_torch_save, save_checkpoint
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
-from qinco2.metrics import mse
+from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
 from qinco2.ivfsearch.pairwise import FORMAT_TAG, PairwiseDecoder, ivf_subcodes, weighted_kmeans
+from qinco2.metrics import mse
 
 C, D, M, K = 6, 4, 3, 16
 

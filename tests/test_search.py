@@ -10,12 +10,20 @@ import pytest
 import qinco2.ivfsearch.multistage as search_mod
 from qinco2.codec.codec import QincoCodec
 from qinco2.errors import ConfigError, InputError
-from qinco2.ivfsearch.shortlist import build_index
 from qinco2.ivf import train_ivf_centroids
-from qinco2.metrics import knn, recall_at
+from qinco2.ivfsearch.multistage import (
+    SearchParams,
+    is_pruned,
+    log2_distance,
+    multistage_search,
+    order_points,
+    pareto_front,
+    plot_pareto,
+    sweep,
+)
 from qinco2.ivfsearch.pairwise import PairwiseDecoder
-from qinco2.ivfsearch.multistage import (SearchParams, is_pruned, log2_distance, multistage_search, order_points,
-                           pareto_front, plot_pareto, sweep)
+from qinco2.ivfsearch.shortlist import build_index
+from qinco2.metrics import knn, recall_at
 
 C, D, M, K = 8, 8, 2, 256
 NB, NQ = 400, 30

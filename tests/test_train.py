@@ -9,19 +9,24 @@ import os
 import faiss
 import numpy as np
 import pytest
-
-from qinco2.distributed import Workers
 import torch
 
+import qinco2.codec.train as train_module
 from qinco2.checkpoint import atomic_torch_save, load_checkpoint
 from qinco2.codec.codec import QincoCodec
 from qinco2.codec.encode import beam_search
+from qinco2.codec.model import ModelConfig, QincoModel
+from qinco2.codec.train import (
+    TrainConfig,
+    cosine_factor,
+    fit_normalization,
+    initialize,
+    reset_unused_codewords,
+    update_running_stats,
+)
+from qinco2.distributed import Workers
 from qinco2.errors import ConfigError
 from qinco2.metrics import mse
-from qinco2.codec.model import ModelConfig, QincoModel
-import qinco2.codec.train as train_module
-from qinco2.codec.train import (TrainConfig, cosine_factor, fit_normalization, initialize,
-                          reset_unused_codewords, update_running_stats)
 
 # A fast training setup on 16-d clustered data: 12 batches of 256 per epoch.
 FAST = dict(M=2, K=16, L=1, de=None, dh=32, A=4, B=4, batch=256, epochs=6, ramp_epochs=1,

@@ -16,8 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (arch_overrides, data_limits, launched_rank, launched_workers, load_codec,
-                     open_dataset, print_table, require)
+from .common import (
+    arch_overrides,
+    data_limits,
+    launched_rank,
+    launched_workers,
+    load_codec,
+    open_dataset,
+    print_table,
+    require,
+)
 from .config import TRAIN_KEYS, CliArgs
 
 log = logging.getLogger(__name__)

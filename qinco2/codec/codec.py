@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from .encode import DEFAULT_MAX_BYTES, encode
 from ..distributed import Workers
 from ..errors import ConfigError, InputError, NotTrainedError
 from ..ivf import check_centroids
 from ..validation import check_codes, check_vectors
+from .encode import DEFAULT_MAX_BYTES, encode
 from .model import PRESETS, ModelConfig, QincoModel
 from .train import TrainConfig, TrainState, fit, initialize
 

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_open
-from .codec import QincoCodec
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
+from ..validation import check_vectors
+from .codec import QincoCodec
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,11 @@ def model_sha(codec: QincoCodec) -> str:
 
 
 def _parts(x, D: int) -> list[np.ndarray]:
+    """The input as a list of arrays (one array, or a list of them laid end to end); their
+    NaN/Inf are found chunk by chunk when the codec encodes them."""
     parts = [x] if isinstance(x, np.ndarray) else list(x)
     for p in parts:
-        if not isinstance(p, np.ndarray) or p.ndim != 2 or p.dtype.kind not in "iuf":
-            raise InputError(f"x must be a 2-D integer or float numpy array (N, D) or a list of "
-                             f"them, got {getattr(p, 'shape', type(p).__name__)}")
-        if p.shape[1] != D:
-            raise InputError(f"x has dimension {p.shape[1]} but the model was trained on D={D}")
+        check_vectors(p, "x", D, dim_owner=f"the codec was trained on D={D}", finite=False)
     return parts
 
 

@@ -13,10 +13,10 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from .codec import QincoCodec
 from ..datasets import DataLimits, resolve_dataset
 from ..errors import InputError
 from ..metrics import code_usage, knn, mse, recall_at
+from .codec import QincoCodec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from .model import QincoModel
 
 def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:
     """Set the model's mean/scale from (the first 100k rows of) the initialisation data."""
-    x = torch.from_numpy(np.asarray(x_init[:100_000], dtype=np.float32))
+    x = torch.from_numpy(np.array(x_init[:100_000], dtype=np.float32))  # a copy: x_init may be read-only
     if how == "mean_std":
         model.mean.copy_(x.mean(0))
         model.scale.copy_(x.double().std(unbiased=False).float())

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from .. import validation
+from ..kmeans import nearest
 from ..packing import pack_codes, unpack_codes
 from .lists import InvertedLists
-from ..kmeans import nearest
 from .params import IndexParams
 
 INPUT_DTYPES = (np.float32, np.float16, np.int8, np.uint8)

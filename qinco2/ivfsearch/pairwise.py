@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .aq import additive_decode, fit_additive_codebooks
 from ..checkpoint import atomic_torch_save, load_tagged
-from ..kmeans import kmeans
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
+from ..kmeans import kmeans
 from ..metrics import mse
 from ..validation import check_codes, check_vectors
+from .aq import additive_decode, fit_additive_codebooks
 
 log = logging.getLogger(__name__)
 

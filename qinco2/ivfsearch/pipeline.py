@@ -17,11 +17,11 @@ import numpy as np
 from ..codec.codes_io import SIZE_KEYS, load_encoded, model_sha
 from ..errors import ConfigError, DatasetError, InputError, ModelFileError
 from ..formats import read_vectors
-from .shortlist import build_index, factory_string, load_index, save_index
 from ..ivf import check_centroids
 from ..metrics import mse
-from .pairwise import PairwiseDecoder
 from .multistage import load_runs, pareto_front, plot_pareto, sweep
+from .pairwise import PairwiseDecoder
+from .shortlist import build_index, factory_string, load_index, save_index
 
 log = logging.getLogger(__name__)
 

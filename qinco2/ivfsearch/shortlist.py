@@ -28,11 +28,11 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .aq import additive_decode, fit_additive_codebooks
 from ..atomic import atomic_open, atomic_path
-from ..packing import pack_codes
 from ..errors import DatasetError, InputError
+from ..packing import pack_codes
 from ..validation import check_codes, check_vectors
+from .aq import additive_decode, fit_additive_codebooks
 
 log = logging.getLogger(__name__)
 
