@@ -83,9 +83,17 @@ def _inputs(D, seed=0):
     return torch.randn(7, D, generator=g), torch.randn(7, D, generator=g)
 
 
-def test_zero_init_with_projections_is_c_plus_projected_c():
+def test_zero_init_with_projections_is_exactly_the_codeword():
     torch.manual_seed(0)
     net = StepNetwork(ModelConfig(D=10, M=2, K=4, L=2, de=6, dh=8))
+    c, xhat = _inputs(10)
+    assert torch.equal(net(c, xhat), c)          # P_out starts at zero: every added term is 0
+    assert net.proj_in.weight.abs().sum() > 0    # P_in random, so P_out gets gradients at once
+
+
+def test_reference_init_with_projections_is_c_plus_projected_c():
+    torch.manual_seed(0)
+    net = StepNetwork(ModelConfig(D=10, M=2, K=4, L=2, de=6, dh=8, identity_init=False))
     c, xhat = _inputs(10)
     expected = c + c @ net.proj_in.weight.T @ net.proj_out.weight.T
     # float32 matmuls of width 6-10: 1e-5 absolute is ~100x the rounding error

@@ -100,6 +100,40 @@ def test_initialize_gives_rq_codebooks_and_equal_preselectors(clustered):
     assert err[0] < 0.5 * mse(x, np.broadcast_to(x.mean(0), x.shape))
 
 
+@pytest.mark.parametrize("de", [None, 6])
+def test_a_fresh_model_is_exactly_its_rq_initialisation(clustered, de):
+    """With or without projections, right after initialisation the model encodes (greedily)
+    and decodes as the stage-wise RQ of its codebooks: same codes, same MSE."""
+    x = clustered(1500, D=16, seed=3)
+    model = QincoModel(ModelConfig(D=16, M=3, K=16, L=1, de=de, dh=8, A=4, B=1))
+    initialize(model, TrainConfig(init_noise=0.0, seed=0), x)
+    with torch.no_grad():
+        books = [(s.codebook * model.scale + (model.mean if m == 0 else 0)).numpy()
+                 for m, s in enumerate(model.steps)]            # raw-space RQ codebooks
+        codes, _ = beam_search(model, model.normalize(torch.as_tensor(x)), A=4, B=1)
+        x_hat = model.denormalize(model.decode(codes)).numpy()
+    r, rq_codes = x.astype(np.float32).copy(), []
+    for C_KD in books:                                         # plain greedy RQ, step by step
+        ids = faiss.knn(r, np.ascontiguousarray(C_KD), 1)[1][:, 0]
+        rq_codes.append(ids)
+        r -= C_KD[ids]
+    np.testing.assert_array_equal(codes.numpy(), np.stack(rq_codes, 1))
+    # float32 sums of 3 codewords in two orders: 1e-5 relative
+    assert mse(x, x_hat) == pytest.approx(float((r ** 2).sum(1).mean()), rel=1e-5)
+
+
+def test_training_never_returns_a_model_worse_than_its_initialisation(data):
+    """A learning rate that wrecks the model: every epoch is worse than the start, and the
+    initialisation is what comes back (and what is saved)."""
+    x_train, x_val = data[0][:1200], data[1][:300]
+    codec = _codec(max_epochs=3, lr=5.0, grad_clip=None, codeword_reset=False, init_noise=0.0)
+    codec.train(x_train, x_val, progress=False)
+    state = codec.train_state_
+    assert all(h["val_mse"] > state.init_mse for h in state.history)   # training made it worse
+    assert state.best_epoch == -1 and state.best_mse == state.init_mse
+    assert mse(x_val, codec.decode(codec.encode(x_val))) == pytest.approx(state.init_mse, rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- running stats
 
 def test_running_stats_ema_and_single_row_batches():

@@ -41,6 +41,11 @@ class ModelConfig:
     ``codeword_skip`` adds the base codeword to the network output (QINCo2);
     with ``d_e = D`` that skip doubles the identity path, which the reference
     does; ``double_skip=True`` reproduces it, the default drops the extra skip.
+    ``zero_init`` starts every step network as the identity on its codeword,
+    ``f(c, x_hat) = c`` for every shape, so that a model starts exactly at its RQ
+    initialisation: with projections (``d_e != D``) the output projection starts
+    at zero. ``identity_init=False`` keeps the reference's random output projection
+    instead (``f(c) = c + P_out P_in c`` at the start).
     """
 
     D: int = 0
@@ -54,6 +59,7 @@ class ModelConfig:
     codeword_skip: bool = True
     double_skip: bool = False
     zero_init: bool = True
+    identity_init: bool = True
     ivf_K: int = 0
 
     @classmethod
@@ -121,9 +127,12 @@ class StepNetwork(nn.Module):
         if cfg.zero_init:
             nn.init.zeros_(self.fuse.weight)
             nn.init.zeros_(self.fuse.bias)
-            for proj in (self.proj_in, self.proj_out):
-                if self.project:
-                    nn.init.kaiming_uniform_(proj.weight, nonlinearity="relu")
+            if self.project:
+                nn.init.kaiming_uniform_(self.proj_in.weight, nonlinearity="relu")
+                if cfg.identity_init:
+                    nn.init.zeros_(self.proj_out.weight)            # f(c) = c + 0: the RQ codeword
+                else:
+                    nn.init.kaiming_uniform_(self.proj_out.weight, nonlinearity="relu")
 
     def forward(self, c: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
         z = self.proj_in(c)

@@ -275,7 +275,8 @@ def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bo
 def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
         mse_scale: float = 1.0, output=None, resume: dict | None = None,
         progress: bool = True, workers: Workers = Workers()) -> TrainState:
-    """Train ``model`` in place; the best model (by validation MSE) is loaded at the end.
+    """Train ``model`` in place; the best model (by validation MSE) is loaded at the end: the
+    initialisation itself when no epoch beats it (``state.best_epoch == -1``).
 
     ``output``: after every epoch, the best weights so far and the full state of the run (the
     current weights, optimizer, schedule, counters) are written there atomically, so that a
@@ -289,6 +290,7 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     state, mcfg = run.state, model.cfg
     if state.init_mse is None:
         state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
+        state.best_mse = state.init_mse                 # the initialisation is the model to beat
         _info(workers, "validation MSE after initialisation: %.6g", state.init_mse)
     start = time.monotonic() - state.elapsed_s
     deadline = start + cfg.max_time_s if cfg.max_time_s else None
