@@ -1,7 +1,9 @@
 """Named data sets, their splits and size limits, and the synthetic default.
 
 A :class:`Dataset` is a set of file paths (training file, database, queries,
-ground truth) plus the MSE scale used to report errors. Files are opened
+ground truth) plus the MSE scale used to report errors and the metric its
+queries are searched by (``"l2"``; ``"ip"``, inner product, for ``contriever1M`` and
+``wordnet-minilm``, whose vectors have unit norm). Files are opened
 memory-mapped in their native dtype (uint8 ``.bvecs`` stay uint8, float16
 ``.npy`` stay float16); callers convert batch by batch.
 
@@ -53,6 +55,7 @@ class DatasetEntry:
     db_limit: int | None = None
     script: str | None = None  # download script in scripts/download/, None for local sets
     small: bool = False  # the script's -small variant is enough for this set
+    metric: str = "l2"  # how the set is searched: "l2" distance or "ip" (inner product)
 
 
 _BIGANN = ("bigann", "bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs")
@@ -65,7 +68,9 @@ DATASETS: dict[str, DatasetEntry] = {
     "bigann1B": DatasetEntry(*_BIGANN, "gnd/idx_1000M.ivecs", 1e-4, None, "bigann.sh"),
     "deep1M": DatasetEntry(*_DEEP, "deep1M_groundtruth.ivecs", 1.0, 1_000_000, "deep1b.sh", True),
     "deep1B": DatasetEntry(*_DEEP, "deep1B_groundtruth.ivecs", 1.0, None, "deep1b.sh"),
-    "contriever1M": DatasetEntry("contriever", "training_set.npy", *_NPY, script="contriever.sh"),
+    # Contriever embeddings are searched by inner product (metric "ip").
+    "contriever1M": DatasetEntry("contriever", "training_set.npy", *_NPY, script="contriever.sh",
+                                 metric="ip"),
     "FB_ssnpp1M": DatasetEntry("fb_ssnpp", "training_set10010k.npy", *_NPY, 1e-4,
                                script="fb_ssnpp.sh"),
     # Local real sets (shared/data). sift-photos is SIFT like BigANN, hence the same scale.
@@ -78,6 +83,11 @@ DATASETS: dict[str, DatasetEntry] = {
                                 "fmnistsmall_query.fvecs", "fmnistsmall_groundtruth.ivecs"),
     "sigmod2024_yfcc_clip100": DatasetEntry("sigmod2024_yfcc_clip100", "base.fvecs", "base.fvecs",
                                             "query.fvecs", "groundtruth.ivecs"),
+    # Unit-norm sentence embeddings (all-MiniLM-L6-v2, D=384), searched by inner product; the
+    # training file is float16 (read and converted batch by batch); the ground truth is the
+    # exact L2 top-100, the same ranking as inner product for unit-norm vectors.
+    "wordnet-minilm": DatasetEntry("wordnet-minilm", "learn.npy", "base.npy", "query.npy",
+                                   "groundtruth.npy", metric="ip"),
 }
 
 
@@ -88,7 +98,8 @@ def dataset_names() -> list[str]:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Paths of one data set's files, with its MSE scale and forced database limit."""
+    """Paths of one data set's files, with its MSE scale, forced database limit and search
+    metric (``"l2"``, or ``"ip"`` for inner-product data such as text embeddings)."""
 
     name: str
     trainset: Path | None
@@ -97,6 +108,7 @@ class Dataset:
     groundtruth: Path | None
     mse_scale: float = 1.0
     db_limit: int | None = None
+    metric: str = "l2"
 
     @property
     def dim(self) -> int:
@@ -202,7 +214,8 @@ def _find_named(name: str, data_root: str | Path | None) -> Dataset:
         paths = {key: root / entry.folder / getattr(entry, key) for key in keys}
         missing = [p for p in paths.values() if not p.is_file()]
         if not missing:
-            return Dataset(name, **paths, mse_scale=entry.mse_scale, db_limit=entry.db_limit)
+            return Dataset(name, **paths, mse_scale=entry.mse_scale, db_limit=entry.db_limit,
+                           metric=entry.metric)
         missing_per_root.append(missing)
     looked = ", ".join(str((r / entry.folder).absolute()) for r in roots)
     closest = ", ".join(str(p.absolute()) for p in min(missing_per_root, key=len))

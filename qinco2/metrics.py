@@ -5,6 +5,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from .errors import InputError
+
 
 def mse(x_ND: np.ndarray, xhat_ND: np.ndarray, scale: float = 1.0, batch: int = 65_536) -> float:
     """Mean over vectors of the squared L2 error (summed over dimensions), times ``scale``."""
@@ -15,11 +17,29 @@ def mse(x_ND: np.ndarray, xhat_ND: np.ndarray, scale: float = 1.0, batch: int = 
     return total / max(len(x_ND), 1) * scale
 
 
-def knn(queries_QD: np.ndarray, db_ND: np.ndarray, k: int) -> np.ndarray:
-    """Ids ``(Q, k)`` of the exact L2 nearest database vectors (faiss brute force)."""
+METRICS = ("l2", "ip")  # squared L2 distance (smallest first), inner product (largest first)
+
+
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of :data:`METRICS`, else an :class:`InputError`."""
+    if metric not in METRICS:
+        raise InputError(f"metric={metric!r}: expected one of {METRICS} ('l2' for L2 distance, "
+                         "'ip' for inner product, e.g. of unit-norm text embeddings)")
+    return metric
+
+
+def knn(queries_QD: np.ndarray, db_ND: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
+    """Ids ``(Q, k)`` of the exact nearest database vectors (faiss brute force), best first.
+
+    ``metric="l2"``: smallest L2 distance first; ``metric="ip"``: largest inner product first
+    (for unit-norm vectors both give the same ranking).
+    """
+    check_metric(metric)
     k = min(k, len(db_ND))
-    _, ids = faiss.knn(np.ascontiguousarray(queries_QD, dtype=np.float32),
-                       np.ascontiguousarray(db_ND, dtype=np.float32), k)
+    q_QD = np.ascontiguousarray(queries_QD, dtype=np.float32)
+    x_ND = np.ascontiguousarray(db_ND, dtype=np.float32)
+    kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    _, ids = faiss.knn(q_QD, x_ND, k, metric=kind)
     return ids
 
 

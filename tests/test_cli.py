@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_cli as _run
 
-from qinco2 import QincoCodec, write_vectors
+from qinco2 import QincoCodec, datasets, write_vectors
 from qinco2.cli.main import main, parse_args
 
 TINY_MODEL = ["model_args=qinco2-S", "M=2", "K=16", "L=1", "de=8", "dh=16", "A=4", "B=4",
@@ -161,6 +162,28 @@ def test_search(capsys, files, model_file):
     assert rc == 0 and "R@10" in out
     assert result["n_db"] == 500 and result["n_queries"] == 20
     assert 0 <= result["R@1"] <= result["R@10"] <= result["R@100"] <= 1
+
+
+def test_eval_and_search_report_the_metric(capsys, files, model_file, monkeypatch):
+    rc, out, _, result = _run(capsys, "task=eval", f"model={model_file}", *_data_args(files))
+    assert rc == 0 and result["metric"] == "l2" and "metric" in out  # a path: L2 by default
+    assert 0 <= result["R@1"] <= result["R@10"] <= result["R@100"] <= 1
+    rc, out, _, result = _run(capsys, "task=eval", f"model={model_file}", "metric=ip",
+                              *_data_args(files))
+    assert rc == 0 and result["metric"] == "ip" and "ip" in out.split()
+    # a named inner-product set: its metric is used when metric= is not given
+    root = Path(files["base"]).parent
+    entry = datasets.DatasetEntry(root.name, "learn.fvecs", "base.fvecs", "query.fvecs",
+                                  "gt.ivecs", metric="ip")
+    monkeypatch.setitem(datasets.DATASETS, "tiny-ip", entry)
+    named = ["db=tiny-ip", f"data_root={root.parent}", "cpu=true", "verbose=false"]
+    rc, out, _, result = _run(capsys, "task=search", f"model={model_file}", *named)
+    assert rc == 0 and result["metric"] == "ip" and result["n_db"] == 500
+    assert any(line.split() == ["metric", "ip"] for line in out.splitlines())
+    rc, _, _, result = _run(capsys, "task=search", f"model={model_file}", "metric=l2", *named)
+    assert rc == 0 and result["metric"] == "l2"
+    rc, _, err, _ = _run(capsys, "task=search", f"model={model_file}", "metric=cosine", *named)
+    assert rc == 2 and "metric=cosine" in err and "ivfpq" in err
 
 
 @pytest.mark.parametrize("extra, rows", [

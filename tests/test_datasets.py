@@ -21,6 +21,7 @@ from qinco2.datasets import (
 )
 from qinco2.errors import DatasetError, InputError
 from qinco2.formats import open_vectors, read_vectors, write_vectors
+from qinco2.metrics import knn
 from qinco2.synthetic import synthetic_vectors
 
 SHARED_DATA = Path(datasets.__file__).resolve().parents[2] / "shared" / "data"
@@ -94,6 +95,35 @@ def test_limits_cut_train_and_database() -> None:
     assert len(capped.database(DataLimits(db=500))) == 100
     assert len(capped.database(DataLimits(db=50))) == 50
     assert len(capped.database()) == 100
+
+
+def test_wordnet_minilm_is_inner_product_with_a_float16_learn_file() -> None:
+    ds = local_set("wordnet-minilm")
+    assert ds.metric == "ip" and ds.dim == 384
+    train, val = ds.train_val()  # 85,033 float16 rows: the last 10,000 validate
+    assert (len(train), len(val)) == (75_033, 10_000)
+    assert train.dtype == np.float16 and isinstance(train, np.memmap)
+    rows_ND = read_vectors(ds.trainset, 0, 512, dtype=np.float32)  # converted per block
+    np.testing.assert_array_equal(rows_ND, np.asarray(train[:512], dtype=np.float32))
+    batch = next(epoch_batches(train, 0, loop=2_048, batch_size=256,
+                               rng=np.random.default_rng(0)))
+    x_ND = np.asarray(batch, dtype=np.float32)  # what training does with each batch
+    assert x_ND.shape == (256, 384) and np.isfinite(x_ND).all()
+    # unit norm up to float16 rounding (relative error 2**-11 per value)
+    np.testing.assert_allclose(np.linalg.norm(x_ND, axis=1), 1.0, atol=2e-3)
+    queries_QD, gt_QK = ds.query_vectors(), ds.ground_truth()
+    assert ds.database().dtype == queries_QD.dtype == np.float32 and gt_QK.shape == (1_000, 100)
+    # unit-norm vectors: the stored (L2) ground truth is also the inner-product ranking
+    np.testing.assert_array_equal(knn(queries_QD[:20], ds.database(), 1, metric="ip")[:, 0],
+                                  gt_QK[:20, 0])
+
+
+def test_metric_of_named_and_path_sets(tmp_path: Path) -> None:
+    assert DATASETS["contriever1M"].metric == DATASETS["wordnet-minilm"].metric == "ip"
+    assert all(DATASETS[name].metric == "l2" for name in ("bigann1M", "deep1M", "sift-photos"))
+    path = tmp_path / "base.fvecs"
+    write_vectors(path, np.zeros((4, 3), np.float32))
+    assert resolve_dataset(path).metric == "l2"  # a file path: L2 unless metric= says otherwise
 
 
 @pytest.mark.parametrize("limits", [DataLimits(valset=250_001), DataLimits(valset=-1),

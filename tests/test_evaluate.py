@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from qinco2 import InputError, QincoCodec
-from qinco2.codec.evaluate import compare_with_rq, evaluate_mse, evaluate_prefixes, evaluate_search, run_demo
+from qinco2.codec.evaluate import (
+    compare_with_rq,
+    evaluate_codec,
+    evaluate_mse,
+    evaluate_prefixes,
+    evaluate_search,
+    run_demo,
+)
 from qinco2.metrics import knn, mse
 
 # de=None (= D): no random projections at initialisation, so every step starts as an RQ step
@@ -71,6 +78,45 @@ def test_evaluate_search_recall(codec, data):
     r = evaluate_search(codec, db, queries, gt, ks=(1, 10, len(db)), batch=128)
     assert r["n_db"] == len(db) and r["n_queries"] == len(queries)
     assert 0 <= r["R@1"] <= r["R@10"] <= r[f"R@{len(db)}"] == 1.0
+
+
+def _recall_ref(queries, xhat, gt, ks, metric):
+    """Slow obvious R@k: numpy scores over the decoded vectors, best first (ties by lower id)."""
+    q, x = queries.astype(np.float64), xhat.astype(np.float64)
+    score = q @ x.T if metric == "ip" else -((q[:, None, :] - x[None]) ** 2).sum(-1)
+    ids = np.argsort(-score, axis=1, kind="stable")
+    return {f"R@{k}": float((ids[:, :k] == gt[:, :1]).any(1).mean()) for k in ks}
+
+
+def test_evaluate_search_by_inner_product(codec, data):
+    db, queries = data["db"], data["queries"]
+    _, first = np.unique(codec.encode(db), axis=0, return_index=True)
+    db = db[np.sort(first)]  # distinct codes: no tied decoded vectors, the ranking is unique
+    xhat = codec.decode(codec.encode(db))
+    assert np.ptp(np.linalg.norm(xhat, axis=1)) > 1.0  # decoded norms vary: ip and l2 differ
+    gt = knn(queries, db, 1, metric="ip")  # true neighbours by inner product
+    ks = (1, 5, 20)
+    r_ip = evaluate_search(codec, db, queries, gt, ks=ks, metric="ip", batch=128)
+    r_l2 = evaluate_search(codec, db, queries, gt, ks=ks, metric="l2", batch=128)
+    assert (r_ip["metric"], r_l2["metric"]) == ("ip", "l2")
+    for r, metric in ((r_ip, "ip"), (r_l2, "l2")):
+        assert {k: r[k] for k in r if k.startswith("R@")} == _recall_ref(queries, xhat, gt, ks,
+                                                                        metric)
+    assert r_ip["R@1"] != r_l2["R@1"]
+    with pytest.raises(InputError, match="'ip'"):
+        evaluate_search(codec, db, queries, gt, metric="inner_product")
+
+
+def test_evaluate_codec_is_mse_and_search_in_one_pass(codec, data):
+    db, queries = data["db"], data["queries"]
+    gt = knn(queries, db, 1)
+    both = evaluate_codec(codec, db, 0.5, queries, gt, metric="ip", batch=64)
+    mse_only = evaluate_mse(codec, db, 0.5, prefixes=True)
+    search = evaluate_search(codec, db, queries, gt, metric="ip")
+    assert both["mse"] == pytest.approx(mse_only["mse"], rel=1e-6)
+    assert both["prefix_mse"] == pytest.approx(mse_only["prefix_mse"], rel=1e-6)
+    assert {k: both[k] for k in search} == search
+    assert "R@1" not in evaluate_codec(codec, db, 0.5)  # no queries: MSE fields only
 
 
 def test_compare_with_rq(data):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from qinco2.errors import InputError
 from qinco2.metrics import code_usage, knn, mse, recall_at
 
 
@@ -56,3 +57,25 @@ def test_code_usage_entropy():
     used, entropy = code_usage(np.hstack([uniform, single, half]), [K, K, K])
     np.testing.assert_allclose(used, [1.0, 1 / K, 0.5])
     np.testing.assert_allclose(entropy, [math.log2(K), 0.0, 2.0], atol=1e-12)
+
+
+def test_knn_inner_product_matches_numpy_brute_force():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(30, 12)).astype(np.float32)
+    x = (rng.normal(size=(200, 12)) * rng.uniform(0.2, 3.0, (200, 1))).astype(np.float32)  # norms vary
+    scores = q.astype(np.float64) @ x.T.astype(np.float64)
+    want_ip = np.argsort(-scores, axis=1, kind="stable")[:, :5]  # largest inner product first
+    np.testing.assert_array_equal(knn(q, x, 5, metric="ip"), want_ip)
+    d2 = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    want_l2 = np.argsort(d2, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(knn(q, x, 5), want_l2)  # the default stays L2
+    assert (want_ip != want_l2).any()  # vectors of varying norm: the rankings differ
+
+
+def test_knn_metrics_agree_on_unit_norm_vectors_and_bad_metric_raises():
+    rng = np.random.default_rng(4)
+    q, x = rng.normal(size=(20, 8)), rng.normal(size=(100, 8))
+    q, x = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (q, x))
+    np.testing.assert_array_equal(knn(q, x, 3, metric="ip"), knn(q, x, 3, metric="l2"))
+    with pytest.raises(InputError, match="'l2'.*'ip'"):
+        knn(q, x, 3, metric="cosine")

@@ -3,6 +3,7 @@ codeword resets, and short end-to-end fits (quality, seeding, checkpoints, resum
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -20,13 +21,14 @@ from qinco2.codec.train import (
     TrainConfig,
     cosine_factor,
     fit_normalization,
+    fit,
     initialize,
-    reset_unused_codewords,
     update_running_stats,
 )
+from qinco2.codec.resets import reset_after_batch, reset_dead_codewords
 from qinco2.distributed import Workers
 from qinco2.errors import ConfigError
-from qinco2.metrics import mse
+from qinco2.metrics import code_usage, mse
 
 # A fast training setup on 16-d clustered data: 12 batches of 256 per epoch.
 FAST = dict(M=2, K=16, L=1, de=None, dh=32, A=4, B=4, batch=256, epochs=6, ramp_epochs=1,
@@ -154,49 +156,73 @@ def test_running_stats_ema_and_single_row_batches():
 
 # ----------------------------------------------------------------------------- codeword reset
 
-def test_reset_replaces_exactly_the_unused_rows():
+def _random_batch(model, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(N, model.cfg.D, generator=g)
+    codes, _ = beam_search(model, u, A=model.cfg.A, B=model.cfg.B)
+    return u, codes
+
+
+def test_reset_splits_live_codewords_into_exactly_the_dead_rows():
     torch.manual_seed(0)
-    model = QincoModel(ModelConfig(D=4, M=3, K=512, L=1, de=None, dh=4, A=2, B=2))
+    model = QincoModel(ModelConfig(D=4, M=3, K=32, L=1, de=None, dh=4, A=2, B=2))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
-    model.steps[1].running_mean.copy_(torch.tensor([10.0, -5.0, 0.0, 3.0]))
-    model.steps[1].running_std.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    u, codes = _random_batch(model, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.losses(u, codes)[0].backward()
+    opt.step()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    usage = [torch.ones(512, dtype=torch.long), torch.zeros(512, dtype=torch.long),
-             torch.ones(512, dtype=torch.long)]
-    usage[0][[3, 100]] = 0
+    with torch.no_grad():
+        target = u - model.partial_reconstructions(codes)[0]        # entering step 1
+    usage = [torch.ones(32, dtype=torch.long) for _ in range(3)]
+    usage[0][[3, 10]] = 0
+    usage[1][:20] = 0
     usage[2][7] = 0
-    counts = reset_unused_codewords(model, usage, noise=0.1, gen=torch.Generator().manual_seed(1))
-    assert counts == [2, 512, 1]
+    counts = reset_dead_codewords(model, usage, u, codes, torch.Generator().manual_seed(1), opt)
+    assert counts == [2, 20, 1]
     after = model.state_dict()
     for m, used in enumerate(usage):
         for name in ("codebook", "preselector"):
             key = f"steps.{m}.{name}"
-            if key not in after:
-                continue
-            changed = (after[key] != before[key]).any(1)
-            assert torch.equal(changed, used == 0), key
+            if key in after:
+                assert torch.equal((after[key] != before[key]).any(1), used == 0), key
     for key in after:  # nothing but codebook/pre-selector rows moved
         if not key.endswith(("codebook", "preselector")):
             assert torch.equal(after[key], before[key]), key
-    # new rows follow the running statistics: per-dim mean and std (512 draws; loose bounds)
-    new = after["steps.1.codebook"]
-    std = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert ((new.mean(0) - torch.tensor([10.0, -5.0, 0.0, 3.0])).abs() < 0.25 * std).all()
-    assert ((new.std(0) / std - 1).abs() < 0.15).all()
-    # the pre-selector gets the same rows plus a small jitter (tau/4 of the spread)
-    jitter = after["steps.1.preselector"] - new
-    assert 0 < jitter.std() < 0.1 * new.std()
+    # a new pre-selection row lies halfway between its donor's row and a batch vector's target
+    halfway = (before["steps.1.preselector"][codes[:, 1]] + target) / 2
+    new = after["steps.1.preselector"][:20]
+    assert ((new[:, None] - halfway[None]) ** 2).sum(-1).min(1).values.max() < 1e-10
+    # the optimizer moments of the reset rows are cleared
+    state = opt.state[model.steps[1].codebook]
+    assert not state["exp_avg"][:20].any() and state["exp_avg"][20:].any()
 
 
-def test_reset_never_touches_the_ivf_step():
+def test_reset_draws_are_seeded_and_never_touch_the_ivf_step():
     model = QincoModel(ModelConfig(D=4, M=1, K=8, L=1, de=None, dh=4, A=2, B=2, ivf_K=3),
                        torch.randn(3, 4))
     ivf = model.steps[0].codebook.clone()
-    counts = reset_unused_codewords(model, [None, torch.zeros(8, dtype=torch.long)], 0.1,
-                                    torch.Generator().manual_seed(0))
+    u, codes = _random_batch(model, 16)
+    usage = [None, torch.zeros(8, dtype=torch.long)]
+    fresh = copy.deepcopy(model)
+    counts = reset_dead_codewords(model, usage, u, codes, torch.Generator().manual_seed(0))
     assert counts == [0, 8] and torch.equal(model.steps[0].codebook, ivf)
+    rows = []
+    for seed in (0, 0, 1):
+        model.load_state_dict(fresh.state_dict())
+        reset_dead_codewords(model, usage, u, codes, torch.Generator().manual_seed(seed))
+        rows.append(model.steps[1].codebook.clone())
+    assert torch.equal(rows[0], rows[1]) and not torch.equal(rows[0], rows[2])
+
+
+def test_resets_every_n_batches_in_equal_segments_ending_with_the_epoch():
+    def points(n, every):
+        return [i for i in range(n) if reset_after_batch(i, n, every)]
+    assert points(100, 20) == [19, 39, 59, 79, 99]
+    assert points(50, 20) == [24, 49]            # never a short tail segment
+    assert points(12, 20) == points(12, 0) == [11]
 
 
 # ----------------------------------------------------------------------------- end-to-end fits
@@ -320,3 +346,30 @@ def test_time_schedule_follows_the_share_of_the_budget(monkeypatch):
     assert lr() == pytest.approx(cfg.lr_min_factor)
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(time_schedule=True).validated()
+
+
+def _collapsed_fit(reset: bool):
+    """A model whose second step starts collapsed (12 of its 16 codewords far from every
+    residual, as after a collapse), trained on a few tight clusters."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 4, (4, 16))[rng.integers(0, 4, 3600)] + rng.normal(0, 0.3, (3600, 16))).astype(np.float32)
+    model = QincoModel(ModelConfig.from_preset("qinco2-S", **{k: v for k, v in FAST.items() if k in
+                                                              ("M", "K", "L", "de", "dh", "A", "B")}, D=16))
+    cfg = TrainConfig.from_preset("qinco2-S", **{k: v for k, v in FAST.items() if k in
+                                                 ("batch", "epochs", "ramp_epochs", "lr", "seed")},
+                                  max_epochs=6, codeword_reset=reset)
+    initialize(model, cfg, x[:3000])
+    with torch.no_grad():
+        far = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)) * 50
+        model.steps[1].codebook[4:] = far
+        model.steps[1].preselector[4:] = far
+    fit(model, cfg, x[:3000], x[3000:], progress=False)
+    codes, _ = beam_search(model, model.normalize(torch.from_numpy(x[3000:])), A=4, B=4)
+    return code_usage(codes.numpy(), [16, 16])
+
+
+def test_resets_revive_a_collapsed_step():
+    used, entropy = _collapsed_fit(reset=True)
+    assert used[1] >= 0.9 and entropy[1] > 3.5
+    used, entropy = _collapsed_fit(reset=False)
+    assert used[1] <= 0.25

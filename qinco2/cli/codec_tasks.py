@@ -5,6 +5,9 @@
     qinco2 task=eval model=runs/s8.pt db=sift-photos A=16 B=32
     qinco2 task=encode model=runs/s8.pt db=sift-photos output=runs/s8_db.npz
 
+``eval`` and ``search`` rank the decoded database by the data set's metric (``l2``, or ``ip``
+for inner-product sets such as ``wordnet-minilm``), or by ``metric=l2|ip``.
+
 Each task calls :mod:`qinco2.codec` and prints; the library is imported inside the tasks.
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from .common import (
     arch_overrides,
     data_limits,
@@ -66,17 +70,42 @@ def task_train(args: CliArgs, given: set[str], device: str) -> dict:
     return result
 
 
+def search_metric(args: CliArgs, ds) -> str:
+    """The metric exhaustive search ranks decoded vectors by: ``metric=``, else the data set's."""
+    from ..metrics import METRICS
+
+    metric = args.metric or ds.metric
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric={metric}: task={args.task} ranks the decoded database by one of "
+            f"{', '.join(METRICS)} (l2 distance or inner product); use metric=null for the data "
+            f"set's own ({ds.metric} for {ds.name}). The names sqeuclidean, inner_product and "
+            "cosine are those of task=ivfpq_build")
+    return metric
+
+
 def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
-    from ..codec.evaluate import evaluate_mse
+    """MSE, code usage, prefix MSEs and, when the data set has queries and ground truth,
+    R@k of exhaustive search by the data set's metric (or ``metric=``), from one encoding."""
+    from ..codec.evaluate import evaluate_codec
 
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
-    r = evaluate_mse(codec, ds.database(data_limits(args)), ds.mse_scale, prefixes=True,
-                     progress=args.verbose)
+    search = ds.queries is not None and ds.groundtruth is not None
+    metric = search_metric(args, ds)
+    queries, gt = (ds.query_vectors(), ds.ground_truth()) if search else (None, None)
+    r = evaluate_codec(codec, ds.database(data_limits(args)), ds.mse_scale, queries, gt,
+                       metric=metric, progress=args.verbose)
     print_table([[m + 1, u, h, p] for m, (u, h, p) in
                  enumerate(zip(r["code_usage"], r["entropy_bits"], r["prefix_mse"]))],
                 ["step", "used/K", "entropy (bits)", "MSE of prefix"])
     print(f"database MSE ({r['n']} vectors, dataset {ds.name}): {r['mse']:.6g}")
+    if search:
+        ks = [k for k in r if k.startswith("R@")]
+        print_table([[r["metric"], r["n_queries"], *(r[k] for k in ks)]],
+                    ["metric", "queries", *ks])
+    else:
+        log.info("%s has no queries or ground truth: R@k not computed", ds.name)
     return {"task": "eval", "model": args.model, "dataset": ds.name, **r}
 
 
@@ -98,7 +127,7 @@ def task_search_exhaustive(args: CliArgs, given: set[str], device: str) -> dict:
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     r = evaluate_search(codec, ds.database(data_limits(args)), ds.query_vectors(),
-                        ds.ground_truth(), progress=args.verbose)
+                        ds.ground_truth(), metric=search_metric(args, ds), progress=args.verbose)
     print_table([[k, v] for k, v in r.items()])
     return {"task": "search", "model": args.model, "dataset": ds.name, **r}
 

@@ -59,9 +59,11 @@ class CliArgs:
     quantizer_efSearch: Any = None
     nshort: Any = None
     nmid_short: Any = None
+    # metric: eval/search rank decoded vectors by l2 or ip (null = the data set's metric);
+    # task=ivfpq_* take the cuVS names sqeuclidean, inner_product, cosine (null = sqeuclidean)
+    metric: Optional[str] = None
     # IVF-PQ keys: null = the default of qinco2.ivfpq.IndexParams / SearchParams (cuVS's)
     n_lists: Optional[int] = None
-    metric: Optional[str] = None
     kmeans_n_iters: Optional[int] = None
     kmeans_trainset_fraction: Optional[float] = None
     pq_bits: Optional[int] = None

@@ -16,12 +16,14 @@ from ..ivf import check_centroids
 from ..validation import check_codes, check_vectors
 from .encode import DEFAULT_MAX_BYTES, encode
 from .model import PRESETS, ModelConfig, QincoModel
+from .sizing import SMALL_DATA_PATIENCE, fit_to_data
 from .train import TrainConfig, TrainState, fit, initialize
 
 log = logging.getLogger(__name__)
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+SMALL_DATA_CHOICES = ("adapt", "keep")
 
 
 def _as_device(device) -> torch.device:
@@ -41,24 +43,33 @@ class QincoCodec:
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig | None = None,
-                 device=None):
+                 device=None, *, small_data: str = "adapt", fixed: set[str] | None = None):
+        if small_data not in SMALL_DATA_CHOICES:
+            raise ConfigError(f"small_data must be one of {SMALL_DATA_CHOICES}, got {small_data!r}")
         self.model_config = model_config
         self.train_config = train_config or TrainConfig()
         self.device = _as_device(device)
+        self.small_data = small_data
+        # fields :meth:`train` must not adapt to a small training set (None: all of them)
+        self.fixed = None if fixed is None else set(fixed)
         self.model_: QincoModel | None = None
         self.train_state_: TrainState | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str, *, device=None, **overrides) -> "QincoCodec":
-        """A codec from a preset (``qinco1``, ``qinco2-S/M/L``); any field may be overridden."""
+    def from_preset(cls, name: str, *, device=None, small_data: str = "adapt", **overrides) -> "QincoCodec":
+        """A codec from a preset (``qinco1``, ``qinco2-S/M/L``); any field may be overridden.
+
+        ``small_data="adapt"``: when the training set turns out to be small for the network
+        (:mod:`qinco2.codec.sizing`), :meth:`train` shrinks the fields not given here and
+        stops earlier, and logs a warning saying so; ``"keep"``: only the warning."""
         unknown = set(overrides) - _MODEL_FIELDS - _TRAIN_FIELDS
         if unknown:
             raise ConfigError(f"unknown codec field(s) {sorted(unknown)}; model fields: "
                               f"{sorted(_MODEL_FIELDS)}; training fields: {sorted(_TRAIN_FIELDS)}")
         model_cfg = ModelConfig.from_preset(name, **{k: v for k, v in overrides.items() if k in _MODEL_FIELDS})
         train_cfg = TrainConfig.from_preset(name, **{k: v for k, v in overrides.items() if k in _TRAIN_FIELDS})
-        return cls(model_cfg, train_cfg, device=device)
+        return cls(model_cfg, train_cfg, device=device, small_data=small_data, fixed=set(overrides))
 
     @property
     def presets(self) -> list[str]:
@@ -127,7 +138,7 @@ class QincoCodec:
             if self.model_.cfg.D != D:
                 raise InputError(f"model {init_model} has D={self.model_.cfg.D}, training data has D={D}")
             return None
-        cfg = dataclasses.replace(self.model_config, D=D)
+        cfg = self._fit_to_data(dataclasses.replace(self.model_config, D=D), len(x_train))
         ivf = None
         if ivf_centroids is not None:
             ivf = torch.as_tensor(check_centroids(ivf_centroids, D))
@@ -136,6 +147,18 @@ class QincoCodec:
         self.model_ = QincoModel(cfg, ivf).to(self.device)
         initialize(self.model_, self.train_config, x_train)
         return None
+
+    def _fit_to_data(self, cfg: ModelConfig, n_train: int) -> ModelConfig:
+        """``cfg`` shrunk for a small training set (see :mod:`.sizing`), with a warning."""
+        fixed = _MODEL_FIELDS if self.fixed is None or self.small_data == "keep" else self.fixed
+        new, note = fit_to_data(cfg, n_train, fixed)
+        if note is None:
+            return cfg
+        log.warning(note)
+        if new is not cfg and "patience" not in (self.fixed or _TRAIN_FIELDS):
+            self.train_config = dataclasses.replace(
+                self.train_config, patience=min(self.train_config.patience, SMALL_DATA_PATIENCE))
+        return new
 
     # ------------------------------------------------------------------ inference
     def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None,

@@ -3,6 +3,11 @@ R@k, a faiss residual-quantizer baseline, and the demo run on the synthetic set.
 
 These are the calls behind the CLI tasks ``eval``, ``eval_valset``, ``search`` and ``demo``.
 Arrays may be memory-mapped and of any numeric dtype; they are read batch by batch.
+
+Search ranks the decoded database by ``metric``: ``"l2"`` (smallest distance first) or
+``"ip"`` (largest inner product first, for inner-product data such as unit-norm text
+embeddings). Decoded vectors do not have unit norm, so the two rankings differ even when the
+raw vectors' rankings coincide (and one ground truth serves both).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..datasets import DataLimits, resolve_dataset
 from ..errors import InputError
-from ..metrics import code_usage, knn, mse, recall_at
+from ..metrics import check_metric, code_usage, knn, mse, recall_at
 from .codec import QincoCodec
 
 log = logging.getLogger(__name__)
@@ -48,18 +53,23 @@ def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes
     return codes_NM, totals / max(len(x), 1)
 
 
+def _mse_fields(codec: QincoCodec, codes_NM: np.ndarray, mse_m: np.ndarray, mse_scale: float,
+                prefixes: bool) -> dict:
+    used, entropy = code_usage(codes_NM, [s.K for s in codec.model_.steps])
+    out = {"n": len(codes_NM), "mse": float(mse_m[-1] * mse_scale),
+           "code_usage": used.round(4).tolist(), "entropy_bits": entropy.round(4).tolist()}
+    if prefixes:
+        out["prefix_mse"] = (mse_m * mse_scale).tolist()
+    return out
+
+
 def evaluate_mse(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, *,
                  batch: int = 16_384, prefixes: bool = False, progress: bool = False) -> dict:
     """MSE of encode+decode (times ``mse_scale``) plus, per step, the fraction of codewords
     used and the entropy (bits) of the code distribution; with ``prefixes`` also
     ``prefix_mse`` as :func:`evaluate_prefixes` gives it, from the same encoding pass."""
     codes_NM, mse_m = _scan(codec, x, batch, progress, prefixes)
-    used, entropy = code_usage(codes_NM, [s.K for s in codec.model_.steps])
-    out = {"n": len(x), "mse": float(mse_m[-1] * mse_scale),
-           "code_usage": used.round(4).tolist(), "entropy_bits": entropy.round(4).tolist()}
-    if prefixes:
-        out["prefix_mse"] = (mse_m * mse_scale).tolist()
-    return out
+    return _mse_fields(codec, codes_NM, mse_m, mse_scale, prefixes)
 
 
 def evaluate_prefixes(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, *,
@@ -69,33 +79,61 @@ def evaluate_prefixes(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, 
     return (_scan(codec, x, batch, progress, True)[1] * mse_scale).tolist()
 
 
-def _search_metrics(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks) -> dict:
-    ids_QS = knn(queries, xhat_ND, max(ks))
+def _search_metrics(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks,
+                    metric: str) -> dict:
+    ids_QS = knn(queries, xhat_ND, max(ks), metric=metric)
     return {f"R@{k}": r for k, r in recall_at(ids_QS, gt, ks).items()}
 
 
-def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: np.ndarray,
-                    ks=KS, *, batch: int = 16_384, progress: bool = False) -> dict:
-    """Exhaustive search over the decoded database: R@k = the true nearest neighbour
-    (first column of ``gt``) is among the k nearest decoded vectors."""
-    if np.asarray(gt).max(initial=-1) >= len(db):
+def _search_fields(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks,
+                   metric: str) -> dict:
+    """The result of an exhaustive search of the decoded database ``xhat_ND``."""
+    if np.asarray(gt).max(initial=-1) >= len(xhat_ND):
         log.warning("ground truth refers to rows past the %d database rows used; recall is "
-                    "computed against the truncated database", len(db))
+                    "computed against the truncated database", len(xhat_ND))
+    return {"metric": metric, "n_db": len(xhat_ND), "n_queries": len(queries),
+            **_search_metrics(xhat_ND, queries, gt, ks, metric)}
+
+
+def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: np.ndarray,
+                    ks=KS, *, metric: str = "l2", batch: int = 16_384,
+                    progress: bool = False) -> dict:
+    """Exhaustive search over the decoded database: R@k = the true nearest neighbour
+    (first column of ``gt``) is among the k best decoded vectors by ``metric`` ("l2" or
+    "ip", see :func:`qinco2.metrics.knn`)."""
+    check_metric(metric)
     xhat_ND = np.empty((len(db), codec.dim), dtype=np.float32)
     for i, x_ND in _batches(db, batch, progress, "encode db"):
         xhat_ND[i:i + len(x_ND)] = codec.decode(codec.encode(x_ND))
-    return {"n_db": len(db), "n_queries": len(queries), **_search_metrics(xhat_ND, queries, gt, ks)}
+    return _search_fields(xhat_ND, queries, gt, ks, metric)
+
+
+def evaluate_codec(codec: QincoCodec, db: np.ndarray, mse_scale: float = 1.0,
+                   queries: np.ndarray | None = None, gt: np.ndarray | None = None, ks=KS, *,
+                   metric: str = "l2", batch: int = 16_384, progress: bool = False) -> dict:
+    """:func:`evaluate_mse` with prefixes and, when ``queries`` and ``gt`` are given,
+    :func:`evaluate_search` by ``metric``, from one encoding pass over ``db``."""
+    check_metric(metric)
+    codes_NM, mse_m = _scan(codec, db, batch, progress, True)
+    out = _mse_fields(codec, codes_NM, mse_m, mse_scale, True)
+    if queries is None or gt is None:
+        return out
+    xhat_ND = np.empty((len(db), codec.dim), dtype=np.float32)
+    for i in range(0, len(codes_NM), batch):
+        xhat_ND[i:i + batch] = codec.decode(codes_NM[i:i + batch])
+    return {**out, **_search_fields(xhat_ND, queries, gt, ks, metric)}
 
 
 def compare_with_rq(x_train: np.ndarray, x_db: np.ndarray, queries: np.ndarray, gt: np.ndarray,
-                    M: int, K: int, mse_scale: float = 1.0, ks=KS) -> dict:
+                    M: int, K: int, mse_scale: float = 1.0, ks=KS, *, metric: str = "l2") -> dict:
     """faiss ``ResidualQuantizer(D, M, log2 K)`` (its default beam) trained on ``x_train``:
-    database MSE and exhaustive-search R@k, the baseline QINCo2 should beat."""
+    database MSE and exhaustive-search R@k by ``metric``, the baseline QINCo2 should beat."""
     import faiss
 
     nbits = int(K).bit_length() - 1
     if 1 << nbits != K:
         raise InputError(f"the RQ baseline needs K a power of two (K = 2**nbits), got K={K}")
+    check_metric(metric)
     x_train = np.ascontiguousarray(x_train, dtype=np.float32)
     x_db = np.ascontiguousarray(x_db, dtype=np.float32)
     rq = faiss.ResidualQuantizer(x_train.shape[1], M, nbits)
@@ -104,7 +142,8 @@ def compare_with_rq(x_train: np.ndarray, x_db: np.ndarray, queries: np.ndarray, 
     train_s = time.perf_counter() - start
     xhat_ND = rq.decode(rq.compute_codes(x_db))
     return {"mse": mse(x_db, xhat_ND, mse_scale), "train_s": round(train_s, 2),
-            "beam": int(rq.max_beam_size), **_search_metrics(xhat_ND, queries, gt, ks)}
+            "beam": int(rq.max_beam_size), "metric": metric,
+            **_search_metrics(xhat_ND, queries, gt, ks, metric)}
 
 
 def run_demo(output, *, device="cpu", progress: bool = True, **overrides) -> dict:

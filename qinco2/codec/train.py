@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from .batches import epoch_batches, epoch_length
 from .encode import encode
 from .model import QincoModel
+from .resets import reset_after_batch, reset_dead_codewords
 from .rq_init import fit_normalization, rq_initialize
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TrainConfig:
     init_noise: float = 0.1
     init_samples: int = 1_000_000
     codeword_reset: bool = True
+    reset_every: int = 20               # batches between codeword resets (see .resets); <= 0: per epoch
     normalization: str = "mean_std"     # "mean_std" (QINCo2) | "max_abs" (QINCo1)
     amp: bool = True                    # fp16 autocast, CUDA only
     seed: int = 0
@@ -115,30 +117,7 @@ def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_
     return float(sums[0] / max(float(sums[1]), 1.0)) * mse_scale
 
 
-# ----------------------------------------------------------------------------- codeword reset
-
-@torch.no_grad()
-def reset_unused_codewords(model: QincoModel, usage: list[torch.Tensor | None], noise: float,
-                           gen: torch.Generator) -> list[int]:
-    """Replace codewords unused during the epoch by draws from the running residual stats.
-
-    ``usage[m]`` counts how often each code of step ``m`` was chosen (None for frozen steps).
-    Returns the number of codewords reset per step.
-    """
-    counts = []
-    for step, used_K in zip(model.steps, usage):
-        dead = (used_K == 0).nonzero()[:, 0] if used_K is not None else None
-        counts.append(0 if dead is None else int(dead.numel()))
-        if not counts[-1]:
-            continue
-        R = torch.rand(step.codebook.shape, generator=gen).to(step.codebook.device)
-        new = (R - R.mean()) / R.std() * step.running_std + step.running_mean
-        step.codebook[dead] = new[dead]
-        if step.preselector is not None:
-            jitter = torch.randn(new.shape, generator=gen).to(new.device) * new.std() * noise / 4
-            step.preselector[dead] = (new + jitter)[dead]
-    return counts
-
+# ----------------------------------------------------------------------------- running statistics
 
 @torch.no_grad()
 def update_running_stats(model: QincoModel, u_ND: torch.Tensor, codes_NM: torch.Tensor,
@@ -205,7 +184,8 @@ def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, devi
 
 def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     """One epoch of two-pass steps on this process's batches; gradients are averaged over
-    the processes. Returns (mean loss, code usage per step, out_of_time)."""
+    the processes; dead codewords are reset along the way (:mod:`.resets`). Returns (mean
+    loss, codewords reset per step, out_of_time)."""
     model, cfg, state, opt, workers = run.model, run.cfg, run.state, run.opt, run.workers
     device, mcfg = model.mean.device, model.cfg
     rng = np.random.default_rng([cfg.seed, state.epoch])
@@ -213,7 +193,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
     use_amp = cfg.amp and device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, out_of_time = [], False
+    losses, out_of_time, resets = [], False, [0] * len(model.steps)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):
@@ -236,6 +216,8 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
             run.scaler.step(opt)
             run.scaler.update()
             opt.zero_grad(set_to_none=True)
+        if cfg.codeword_reset and reset_after_batch(i, n_batches, cfg.reset_every):
+            _reset_codewords(run, i, usage, u, codes, resets)
         state.step += 1
         losses.append(loss_rec.item() + loss_pre.item())
         bar.update(1)
@@ -247,19 +229,32 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
         if spent is not None and spent >= 1.0:
             out_of_time = True
             break
-    _reduce_epoch_statistics(model, usage, workers)
+    _reduce_epoch_statistics(model, workers)
     loss = workers.all_reduce_(torch.tensor([float(np.mean(losses)) if losses else math.nan], device=device), "mean")
-    return float(loss[0]), usage, out_of_time
+    return float(loss[0]), resets, out_of_time
 
 
-def _reduce_epoch_statistics(model: QincoModel, usage: list, workers: Workers) -> None:
-    """Code usage summed and running residual statistics averaged over the processes, so
-    that every process resets the same codewords to the same values."""
+def _reset_codewords(run: _Run, i: int, usage: list, u_ND, codes_NM, resets: list) -> None:
+    """Reset the codewords no process used since the last reset (the same ones, to the same
+    rows, everywhere), add the counts to ``resets`` and restart the usage counts."""
+    for used in usage:
+        if used is not None:
+            run.workers.all_reduce_(used, "sum")
+    seed = np.random.SeedSequence([run.cfg.seed, run.state.epoch, i]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = reset_dead_codewords(run.model, usage, u_ND, codes_NM, gen, run.opt, run.workers)
+    for m, used in enumerate(usage):
+        resets[m] += counts[m]
+        if used is not None:
+            used.zero_()
+
+
+def _reduce_epoch_statistics(model: QincoModel, workers: Workers) -> None:
+    """Running residual statistics averaged over the processes."""
     if not workers.distributed:
         return
-    for step, used in zip(model.steps, usage):
-        if used is not None:
-            workers.all_reduce_(used, "sum")
+    for step in model.steps:
+        if not step.frozen:
             workers.all_reduce_(step.running_mean, "mean")
             workers.all_reduce_(step.running_std, "mean")
 
@@ -303,12 +298,12 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         _set_lr(run.opt, _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, model.mean.device)))
         with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not (progress and workers.is_main),
                   leave=False) as bar:
-            loss, usage, out_of_time = _train_epoch(run, x_train, bar, deadline)
+            loss, resets, out_of_time = _train_epoch(run, x_train, bar, deadline)
         val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         epoch = state.epoch
         state.epoch += 1
         state.elapsed_s = time.monotonic() - start
-        _end_epoch(run, epoch, loss, val, usage, output)
+        _end_epoch(run, epoch, loss, val, resets, output)
         if out_of_time or _should_stop(cfg, state, epoch):
             break
     model.load_state_dict(run.best_weights)
@@ -350,19 +345,15 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float | None) -> None:
             g["lr"] = lr
 
 
-def _end_epoch(run: _Run, epoch: int, loss: float, val: float, usage: list, output) -> None:
-    """After epoch ``epoch``: keep the best weights, step the plateau schedule, reset unused
-    codewords, record the history and write the checkpoint (rank 0)."""
+def _end_epoch(run: _Run, epoch: int, loss: float, val: float, resets: list, output) -> None:
+    """After epoch ``epoch``: keep the best weights, step the plateau schedule, record the
+    history (with the codewords reset per step) and write the checkpoint (rank 0)."""
     model, cfg, state = run.model, run.cfg, run.state
     if val < state.best_mse - 1e-6:
         state.best_mse, state.best_epoch = val, epoch
         run.best_weights = _copy_weights(model)
     if run.plateau is not None:
         run.plateau.step(val)
-    resets = []
-    if cfg.codeword_reset:
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        resets = reset_unused_codewords(model, usage, cfg.init_noise, gen)
     state.history.append(dict(epoch=epoch, train_loss=loss, val_mse=val, best_mse=state.best_mse,
                               lr=run.opt.param_groups[0]["lr"], resets=resets,
                               elapsed_s=round(state.elapsed_s, 2)))
