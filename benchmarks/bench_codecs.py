@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
-from qinco2.metrics import knn, mse, recall_at
+from qinco2.metrics import code_usage, knn, mse, recall_at
 
 FAISS_FACTORIES = {
     "pq": "PQ{M}x8",
@@ -50,13 +50,15 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def quality(xb, xr, xq, gt, mse_scale) -> dict:
-    ids = knn(xq, xr, 100)
+def quality(xb, xr, xq, gt, mse_scale, metric) -> dict:
+    """MSE over the database; R@k of the queries searched over the decoded database by the
+    data set's metric (``ip`` for embedding sets)."""
+    ids = knn(xq, xr, 100, metric=metric)
     rec = recall_at(ids, gt)
-    return {"mse": mse(xb, xr, mse_scale), "R@1": rec[1], "R@10": rec[10], "R@100": rec[100]}
+    return {"mse": mse(xb, xr, mse_scale), "metric": metric, "R@1": rec[1], "R@10": rec[10], "R@100": rec[100]}
 
 
-def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, n_train: int) -> dict:
+def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, metric, n_train: int) -> dict:
     index = faiss.index_factory(xt.shape[1], FAISS_FACTORIES[name].format(M=M))
     flags = {}
     if name.startswith("rq"):
@@ -68,10 +70,10 @@ def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, n_train: int) -> dic
     label = f"faiss {FAISS_FACTORIES[name].format(M=M)}" + (f" beam {flags['max_beam_size']}" if flags else "")
     return {"codec": label, "flags": flags, "n_train": min(n_train, len(xt)),
             "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
-            **quality(xb, xr, xq, gt, mse_scale)}
+            **quality(xb, xr, xq, gt, mse_scale, metric)}
 
 
-def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, args) -> dict:
+def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) -> dict:
     preset, overrides, eval_AB = QINCO_SETTINGS[name]
     overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60}
     codec = QincoCodec.from_preset(preset, **overrides)
@@ -81,10 +83,14 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, args) -> dict:
     codes, t_enc = timed(lambda: codec.encode(xb, A=A, B=B))
     xr, t_dec = timed(codec.decode, codes)
     st = codec.train_state_
+    usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
+    arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
     return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides, "eval_A": A, "eval_B": B,
-            "n_train": len(xt), "epochs_run": st.epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
+            "architecture": arch, "n_train": len(xt), "epochs_run": st.epoch, "best_epoch": st.best_epoch,
+            "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
+            "usage_per_step": [round(float(u), 3) for u in usage], "entropy_per_step": [round(float(e), 2) for e in entropy],
             "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
-            "model_file": out, **quality(xb, xr, xq, gt, mse_scale)}
+            "model_file": out, **quality(xb, xr, xq, gt, mse_scale, metric)}
 
 
 # name -> (preset, field overrides, (A, B) used to encode the database)
@@ -110,6 +116,7 @@ def main() -> None:
     p.add_argument("--qinco-minutes", type=float, default=30.0)
     p.add_argument("--eval-AB", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
+    p.add_argument("--train-rows", type=int, default=None, help="use only the first rows of the training split")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", default="runs/bench")
     p.add_argument("--out", default="benchmarks/results/codecs.jsonl")
@@ -119,6 +126,7 @@ def main() -> None:
     os.makedirs(args.model_dir, exist_ok=True)
     ds = resolve_dataset(args.dataset)
     xt_raw, xv_raw = ds.train_val(DataLimits())
+    xt_raw = xt_raw[:args.train_rows] if args.train_rows else xt_raw
     xt = np.ascontiguousarray(xt_raw, dtype=np.float32)
     xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
     xq, gt = ds.query_vectors(), ds.ground_truth()
@@ -127,9 +135,9 @@ def main() -> None:
         for name in args.codecs:
             if name in FAISS_FACTORIES:
                 n_train = args.slow_train if name in ("rq32", "lsq") else args.faiss_train
-                row = run_faiss(name, M, xt, xb, xq, gt, ds.mse_scale, n_train)
+                row = run_faiss(name, M, xt, xb, xq, gt, ds.mse_scale, ds.metric, n_train)
             else:
-                row = run_qinco(name, M, xt_raw, xv_raw, xb, xq, gt, ds.mse_scale, args)
+                row = run_qinco(name, M, xt_raw, xv_raw, xb, xq, gt, ds.mse_scale, ds.metric, args)
             row = {"bench": "codecs", "dataset": args.dataset, "bytes": M, "mse_scale": ds.mse_scale, **row, **env}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,5 +1,6 @@
 """Starting point of training: normalisation statistics and residual-quantisation (RQ)
-codebooks fitted stage by stage by k-means in raw space, mapped into the model."""
+codebooks fitted in raw space, mapped into the model. With the step networks starting as the
+identity on their codeword, a fresh model encodes and decodes exactly as this RQ."""
 
 from __future__ import annotations
 
@@ -22,22 +23,44 @@ def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:
         model.scale.copy_(x.abs().max().clamp_min(1e-12))
 
 
+def _residual_codebooks(r_ND: np.ndarray, n_steps: int, K: int, seed: int) -> list[np.ndarray]:
+    """Codebooks ``(K, D)`` of an ``n_steps``-step residual quantiser of ``r_ND``.
+
+    faiss' ResidualQuantizer (greedy, with its progressive-dimension k-means) when ``K`` is a
+    power of two: on small training sets its codebooks generalise clearly better than plain
+    stage-wise k-means (wordnet-minilm, 9k rows, 8x256: validation MSE 0.516 against 0.570).
+    Otherwise stage-wise :func:`qinco2.kmeans.kmeans` on the residuals."""
+    if K >= 2 and K & (K - 1) == 0:
+        rq = faiss.ResidualQuantizer(r_ND.shape[1], n_steps, K.bit_length() - 1)
+        rq.max_beam_size = 1
+        rq.cp.seed = seed
+        rq.cp.min_points_per_centroid = 1                  # small sets are reported by codec.sizing
+        rq.train(r_ND)
+        books = faiss.vector_to_array(rq.codebooks).reshape(n_steps, K, r_ND.shape[1])
+        return list(books)
+    books, r = [], r_ND.copy()
+    for s in range(n_steps):
+        C_KD = kmeans(r, K, niter=10, seed=seed + s)
+        r -= C_KD[faiss.knn(r, C_KD, 1)[1][:, 0]]
+        books.append(C_KD)
+    return books
+
+
 @torch.no_grad()
 def rq_initialize(model: QincoModel, x_init: np.ndarray, noise: float, seed: int) -> None:
-    """Stage-wise k-means residual quantisation in raw space, mapped into the model + noise."""
+    """Residual quantisation in raw space (after the frozen IVF step, if any), mapped into
+    the model's normalised space, plus ``noise`` times each codebook's spread."""
     gen = torch.Generator().manual_seed(seed)
     r = np.ascontiguousarray(x_init, dtype=np.float32).copy()
     mean, scale = model.mean.cpu(), model.scale.cpu()
-    for s, step in enumerate(model.steps):
-        if step.frozen:
-            raw = (step.codebook.cpu() * scale + mean).numpy()
-            _, assign = faiss.knn(r, raw, 1)
-            r -= raw[assign[:, 0]]
-            continue
-        C_KD = kmeans(r, step.K, niter=10, seed=seed + s)
-        _, assign = faiss.knn(r, C_KD, 1)
-        r -= C_KD[assign[:, 0]]
-        C = torch.from_numpy(C_KD)
+    trained = [s for s, step in enumerate(model.steps) if not step.frozen]
+    for step in model.steps[:trained[0]]:                  # the frozen IVF step
+        raw = (step.codebook.cpu() * scale + mean).numpy()
+        r -= raw[faiss.knn(r, raw, 1)[1][:, 0]]
+    books = _residual_codebooks(r, len(trained), model.steps[trained[0]].K, seed)
+    for s, C_KD in zip(trained, books):
+        step = model.steps[s]
+        C = torch.from_numpy(np.ascontiguousarray(C_KD))
         C = (C - mean) / scale if s == 0 else C / scale
         C = C + torch.randn(C.shape, generator=gen) * C.std() * noise
         step.codebook.copy_(C)
