@@ -41,8 +41,8 @@ def _readme_cli_commands() -> list[list[str]]:
 
 def test_readme_cli_commands_parse():
     """Each README command names a task and keys that the CLI knows, with valid values."""
-    from qinco2.cli.main import TASKS
     from qinco2.cli.config import parse_args
+    from qinco2.cli.main import TASKS
 
     commands = _readme_cli_commands()
     assert len(commands) >= 15, commands

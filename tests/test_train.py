@@ -17,15 +17,15 @@ from qinco2.checkpoint import atomic_torch_save, load_checkpoint
 from qinco2.codec.codec import QincoCodec
 from qinco2.codec.encode import beam_search
 from qinco2.codec.model import ModelConfig, QincoModel
+from qinco2.codec.resets import reset_after_batch, reset_dead_codewords
 from qinco2.codec.train import (
     TrainConfig,
     cosine_factor,
-    fit_normalization,
     fit,
+    fit_normalization,
     initialize,
     update_running_stats,
 )
-from qinco2.codec.resets import reset_after_batch, reset_dead_codewords
 from qinco2.distributed import Workers
 from qinco2.errors import ConfigError
 from qinco2.metrics import code_usage, mse

@@ -51,7 +51,7 @@ def task_train(args: CliArgs, given: set[str], device: str) -> dict:
     preset = args.model_args or "qinco2-S"
     if not args.model_args and not from_file:
         log.info("no model_args given: using the qinco2-S preset")
-    codec = QincoCodec.from_preset(preset, device=device, **arch, **training)
+    codec = QincoCodec.from_preset(preset, device=device, small_data=args.small_data, **arch, **training)
     ds = open_dataset(args)
     x_train, x_val = ds.train_val(data_limits(args))
     ivf = read_vectors(args.ivf_centroids, dtype=np.float32) if args.ivf_centroids else None

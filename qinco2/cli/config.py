@@ -93,6 +93,7 @@ class CliArgs:
     seed: int = 0
     max_time_s: Optional[float] = None
     time_schedule: bool = False
+    small_data: str = "adapt"          # adapt | keep: shrink the network for a small training set
     threads: Optional[int] = None
     data_root: Optional[str] = None
 

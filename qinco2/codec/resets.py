@@ -3,8 +3,9 @@
 A codeword of a trained step that no training vector chose since the last reset is dead.
 It is replaced by a split of a live codeword: a training vector of the current batch is
 drawn with probability proportional to its squared error after that step (as in k-means++)
-times the usage of its codeword (so that popular codewords are split first), and the dead row becomes its codeword (the donor) moved part of the way towards the vector's
-target (the residual ``u - x_hat`` entering the step). The pre-selection row moves the same
+times the usage of its codeword (so that popular codewords are split first), and the dead
+row becomes its codeword (the donor) moved part of the way towards the vector's target (the
+residual ``u - x_hat`` entering the step). The pre-selection row moves the same
 way from the donor's, so the pre-selector proposes the new codeword for that vector and its
 neighbours, and the encoder then prefers it to the donor. The optimizer moments of the reset
 rows are cleared so that the dead rows' history does not steer the new ones.
