@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qinco2.codec.encode import beam_search, bytes_per_vector, encode
+from qinco2.codec.model import ModelConfig, QincoModel
 
 ARCHS = {  # tiny QINCo1-like (no projections) and QINCo2-like (projections + codeword skip)
     "qinco1": dict(de=None, codeword_skip=False, zero_init=False),
@@ -191,3 +192,39 @@ def test_float32_model_matches_float64_on_most_vectors(make_model):
     assert x32.dtype == torch.float32
     # same weights up to rounding: only near-ties (< 1e-6 relative) may differ; allow 2%
     assert (c64 != c32).any(1).float().mean() <= 0.02
+
+
+def test_ivf_step_is_charged_one_beam_and_chunks_follow():
+    """The frozen IVF step scores one beam against its K_ivf centroids: a chunk is sized for
+    K_ivf cells per vector, not B x K_ivf (with K_ivf = 2^20, B = 32 that made one-row chunks)."""
+    import qinco2.codec.encode as encode_module
+
+    D, K_ivf, A, B = 8, 4096, 4, 8
+    model = QincoModel(ModelConfig(D=D, M=2, K=16, L=1, de=None, dh=8, A=A, B=B, ivf_K=K_ivf))
+    per_vector = bytes_per_vector(model, A, B)
+    assert per_vector == 4 * K_ivf + 4 * B * D * 4          # the IVF scores dominate, one beam
+    sizes = []
+    real = encode_module.beam_search
+
+    def spy(model, u, A, B):
+        sizes.append(len(u))
+        return real(model, u, A, B)
+
+    encode_module.beam_search = spy
+    try:
+        encode_module.encode(model, torch.randn(1000, D), A=A, B=B, max_bytes=100 * per_vector)
+    finally:
+        encode_module.beam_search = real
+    assert sizes == [100] * 10
+
+
+def test_frozen_codebook_norms_are_computed_once_and_follow_the_table():
+    model = QincoModel(ModelConfig(D=8, M=2, K=16, L=1, de=None, dh=8, A=4, B=2, ivf_K=32))
+    step = model.steps[0]
+    first = step.codebook_sq_norms()
+    assert step.codebook_sq_norms() is first                 # kept between calls
+    state = model.state_dict()
+    state["steps.0.codebook"] = torch.randn(32, 8)
+    model.load_state_dict(state)                             # an in-place write: new version
+    torch.testing.assert_close(step.codebook_sq_norms(), (state["steps.0.codebook"] ** 2).sum(-1))
+    assert model.steps[1].codebook_sq_norms() is None        # trained codebooks: not cached

@@ -17,9 +17,11 @@ from .model import QincoModel, Step
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
-def _sq_dists_to_codebook(r_NBD: torch.Tensor, C_KD: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distances (up to the per-row constant ||r||^2) from residuals to codewords."""
-    return (C_KD * C_KD).sum(-1) - 2 * r_NBD @ C_KD.T
+def _sq_dists_to_codebook(r_NBD: torch.Tensor, C_KD: torch.Tensor,
+                          C_sq_K: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances (up to the per-row constant ||r||^2) from residuals to codewords;
+    ``C_sq_K``: the codewords' squared norms when already known."""
+    return ((C_KD * C_KD).sum(-1) if C_sq_K is None else C_sq_K) - 2 * r_NBD @ C_KD.T
 
 
 def _candidates(step: Step, r_NBD: torch.Tensor, A: int, beams_out: int) -> torch.Tensor | None:
@@ -40,7 +42,8 @@ def _expand_step(step: Step, u_ND, xhat_NBD, A: int, beams_out: int):
     r_NBD = u_ND[:, None, :] - xhat_NBD
     if step.net is None:
         # Plain residual step: exact distances to all codewords, no candidate tensor needed.
-        scores_NBK = _sq_dists_to_codebook(r_NBD, step.codebook) + (r_NBD * r_NBD).sum(-1, keepdim=True)
+        scores_NBK = (_sq_dists_to_codebook(r_NBD, step.codebook, step.codebook_sq_norms())
+                      + (r_NBD * r_NBD).sum(-1, keepdim=True))
         return None, scores_NBK, None
     cand_NBA = _candidates(step, r_NBD, A, beams_out)
     if cand_NBA is None:
@@ -82,17 +85,20 @@ def beam_search(model: QincoModel, u_ND: torch.Tensor, A: int, B: int) -> tuple[
 
 
 def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
-    """Rough peak working memory of :func:`beam_search` per input vector (float32)."""
+    """Rough peak working memory of :func:`beam_search` per input vector (float32): each
+    step scores the beams that enter it (one for the first step and after the frozen IVF
+    step, ``B`` after the others) against its candidates."""
     cfg = model.cfg
     width = max(cfg.D, cfg.E, cfg.dh)
-    peak = 0
-    for step in model.steps:
+    peak, beams_in = 0, 1
+    for m, step in enumerate(model.steps):
         if step.net is None:
-            cells = B * step.K
+            cells = beams_in * step.K
         else:
             n_cand = step.K if (A <= 0 or step.preselector is None) else max(A, B)
-            cells = B * n_cand * width * 3
+            cells = beams_in * n_cand * width * 3
         peak = max(peak, cells)
+        beams_in = 1 if (step.frozen or m == len(model.steps) - 1) else B
     return 4 * peak + 4 * B * cfg.D * 4
 
 

@@ -171,6 +171,18 @@ class Step(nn.Module):
     def K(self) -> int:
         return self.codebook.shape[0]
 
+    def codebook_sq_norms(self) -> torch.Tensor | None:
+        """``||C_k||^2`` ``(K,)`` of a frozen codebook, computed once and kept while the table
+        is unchanged (any in-place write, e.g. ``load_state_dict``, bumps its version); None
+        for a trained codebook, whose norms change at every optimiser step."""
+        if not self.frozen:
+            return None
+        key = (self.codebook._version, self.codebook.data_ptr(), self.codebook.device)
+        if getattr(self, "_sq_norms_key", None) != key:
+            self._sq_norms = (self.codebook * self.codebook).sum(-1)
+            self._sq_norms_key = key
+        return self._sq_norms
+
     def delta(self, codes: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
         """Update added to ``xhat`` for ``codes`` (same leading shape, or broadcastable)."""
         c = self.codebook[codes]
