@@ -23,6 +23,7 @@ from .validation import check_finite, check_vectors
 
 log = logging.getLogger(__name__)
 
+IVF_NITER = 100  # Lloyd iterations of the IVF k-means, as the QINCo2 release (it stops early at a fixed point)
 MIN_POINTS_PER_CENTROID = 39  # below this many training vectors per centroid, warn (as faiss)
 _READ_ROWS = 65_536  # rows converted to float32 at a time
 
@@ -63,7 +64,7 @@ def _sample(x: np.ndarray, n: int, seed: int, progress: bool) -> np.ndarray:
     return out_ND
 
 
-def train_ivf_centroids(x: np.ndarray, K: int, *, niter: int = 20, seed: int = 0,
+def train_ivf_centroids(x: np.ndarray, K: int, *, niter: int = IVF_NITER, seed: int = 0,
                         max_points_per_centroid: int = 256, progress: bool = True,
                         device=None) -> np.ndarray:
     """k-means centroids ``(K, D)`` float32 of the rows of ``x``.

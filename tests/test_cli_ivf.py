@@ -143,3 +143,27 @@ def test_mismatched_files_are_refused(capsys, chain, built, tmp_path, case, word
     assert rc == 2 and result is None and "Traceback" not in err
     for word in words:
         assert word in err, (word, err)
+
+
+def test_ivf_centroids_niter_reaches_kmeans(tmp_path, capsys, clustered, monkeypatch):
+    """`niter=` sets the IVF k-means iterations (default 100, as the QINCo2 release)."""
+    import qinco2.ivf as ivf_module
+
+    seen = []
+    real = ivf_module.kmeans
+
+    def spy(x, K, *, niter, **kw):
+        seen.append(niter)
+        return real(x, K, niter=niter, **kw)
+
+    monkeypatch.setattr(ivf_module, "kmeans", spy)
+    learn = tmp_path / "learn.fvecs"
+    write_vectors(learn, clustered(600, D=8, C=8, seed=1))
+    for extra, expected in (([], 100), (["niter=3"], 3)):
+        rc, _, err, result = _run(capsys, "task=ivf_centroids", "ivf_K=8", f"trainset={learn}", *COMMON,
+                                  f"output={tmp_path / 'c.npy'}", *extra)
+        assert rc == 0, err
+        assert seen[-1] == expected and result["niter"] == expected
+    rc, _, err, _ = _run(capsys, "task=ivf_centroids", "ivf_K=8", f"trainset={learn}", *COMMON,
+                         f"output={tmp_path / 'c.npy'}", "niter=0")
+    assert rc == 2 and "niter=0" in err

@@ -48,6 +48,7 @@ class CliArgs:
     queries_gt: Optional[str] = None
     ivf_centroids: Optional[str] = None
     ivf_K: Optional[int] = None
+    niter: int = 100                   # task=ivf_centroids: k-means iterations
     encoded_trainset: Optional[str] = None
     encoded_db: Optional[str] = None
     encode_trainset: bool = False

@@ -37,13 +37,15 @@ def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
     ds = open_dataset(args)
     x_train, _ = ds.train_val(data_limits(args))
     start = time.perf_counter()
-    centroids = train_ivf_centroids(x_train, K, seed=args.seed, progress=args.verbose,
+    if args.niter < 1:
+        raise ConfigError(f"niter={args.niter}: k-means needs at least one iteration")
+    centroids = train_ivf_centroids(x_train, K, niter=args.niter, seed=args.seed, progress=args.verbose,
                                     device=device)
     train_s = time.perf_counter() - start
     write_vectors(output, centroids)
     x_eval = x_train[::max(1, -(-len(x_train) // 100_000))]  # MSE on at most 100k training rows
     err = mse(x_eval, centroids[assign_to_centroids(x_eval, centroids)], ds.mse_scale)
-    result = {"task": "ivf_centroids", "output": output, "dataset": ds.name, "ivf_K": K,
+    result = {"task": "ivf_centroids", "output": output, "dataset": ds.name, "ivf_K": K, "niter": args.niter,
               "D": int(x_train.shape[1]), "n_train": len(x_train), "train_s": round(train_s, 1),
               "mse": err, "mse_rows": len(x_eval)}
     print_table([[k, v] for k, v in result.items() if k != "task"])
