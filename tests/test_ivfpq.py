@@ -305,3 +305,29 @@ def test_cpu_and_cuda_agree(data):
     p = SearchParams(n_probes=4)
     ids_c, ids_g = ivfpq.search(p, cpu, q, 10)[1], ivfpq.search(p, gpu, q, 10)[1]
     assert (ids_c == ids_g).mean() > 0.95          # k-means float sums differ in order on GPU
+
+
+def test_conservative_build_rewrites_the_lists_once_not_per_chunk(monkeypatch):
+    """A conservative index loaded in many chunks: the rows rewritten by list relayouts stay
+    O(N) (they were the sum of the sizes after every chunk, O(N^2 / chunk)), and every list
+    still ends at its exact size."""
+    import qinco2.ivfpq.builder as builder
+    from qinco2.ivfpq.lists import InvertedLists
+
+    rewritten = []
+    real = InvertedLists._relayout
+
+    def spy(self, capacity):
+        rewritten.append(int(self.size.sum()))
+        return real(self, capacity)
+
+    monkeypatch.setattr(builder, "CHUNK_ROWS", 50)
+    monkeypatch.setattr(InvertedLists, "_relayout", spy)
+    x = np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32)
+    params = IndexParams(n_lists=8, pq_dim=4, kmeans_n_iters=2, conservative_memory_allocation=True)
+    index = ivfpq.build(params, x)
+    assert sum(rewritten) <= 4 * len(x), rewritten              # 41 relayouts of ~20N rows before
+    lists = index.lists
+    assert torch.equal(lists.capacity, lists.size) and int(lists.size.sum()) == len(x)
+    ivfpq.extend(index, x[:120])                                # a later extend: exact again
+    assert torch.equal(lists.capacity, lists.size) and int(lists.size.sum()) == len(x) + 120

@@ -102,11 +102,12 @@ def extend(index: Index, vectors, ids=None, *, progress: bool = False) -> Index:
         raise InputError(f"ids must be {len(vectors)} integers (one per vector), got shape {ids.shape} "
                          f"and dtype {ids.dtype}")
     normalize = index.metric == "cosine"
-    for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ add", disable=not progress, leave=False):
-        x_ND = float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize)
-        list_nos = index.assign(x_ND)
-        index.lists.add(list_nos, index.encode(x_ND, list_nos),
-                        torch.from_numpy(ids[i:i + CHUNK_ROWS].astype(np.int64)))
+    with index.lists.bulk_add():
+        for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ add", disable=not progress, leave=False):
+            x_ND = float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize)
+            list_nos = index.assign(x_ND)
+            index.lists.add(list_nos, index.encode(x_ND, list_nos),
+                            torch.from_numpy(ids[i:i + CHUNK_ROWS].astype(np.int64)))
     return index
 
 

@@ -11,6 +11,8 @@ packed by :func:`qinco2.packing.pack_codes`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 MIN_CAPACITY = 32
@@ -74,6 +76,19 @@ class InvertedLists:
         self.codes[rows] = packed_NB.to(self.device)[order]
         self.ids[rows] = ids_N.to(self.device, torch.int64)[order]
         self.size = need
+
+    @contextlib.contextmanager
+    def bulk_add(self):
+        """Adds inside grow lists by doubling (amortised O(1) per vector, also for a
+        conservative index); at the end a conservative index is rewritten once with every
+        list at its exact size, instead of once per added chunk (O(N^2) for a large load)."""
+        conservative, self.conservative = self.conservative, False
+        try:
+            yield self
+        finally:
+            self.conservative = conservative
+            if conservative:
+                self._relayout(self.size.clone())
 
     def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
         """Move ``lists`` to new regions of ``capacity`` rows at the end of the buffers."""
