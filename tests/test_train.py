@@ -1,4 +1,4 @@
-"""Tests of qinco2.codec.train: schedule, normalisation, initialisation, running statistics,
+"""Tests of qinco2.codec.train: schedule, normalisation, initialisation,
 codeword resets, and short end-to-end fits (quality, seeding, checkpoints, resume)."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from qinco2.codec.train import (
     fit,
     fit_normalization,
     initialize,
-    update_running_stats,
 )
 from qinco2.distributed import Workers
 from qinco2.errors import ConfigError
@@ -134,24 +133,6 @@ def test_training_never_returns_a_model_worse_than_its_initialisation(data):
     assert all(h["val_mse"] > state.init_mse for h in state.history)   # training made it worse
     assert state.best_epoch == -1 and state.best_mse == state.init_mse
     assert mse(x_val, codec.decode(codec.encode(x_val))) == pytest.approx(state.init_mse, rel=1e-4)
-
-
-# ----------------------------------------------------------------------------- running stats
-
-def test_running_stats_ema_and_single_row_batches():
-    model = QincoModel(ModelConfig(D=4, M=2, K=8, de=None, A=2, B=2))
-    g = torch.Generator().manual_seed(0)
-    u = torch.randn(32, 4, generator=g) * 3 + 1
-    codes = torch.randint(0, 8, (32, 2), generator=g)
-    update_running_stats(model, u, codes)
-    torch.testing.assert_close(model.steps[0].running_mean, 0.1 * u.mean(0))        # from 0
-    torch.testing.assert_close(model.steps[0].running_std, 0.9 + 0.1 * u.std(0))   # from 1
-    target = u - model.steps[0].codebook[codes[:, 0]]
-    torch.testing.assert_close(model.steps[1].running_mean, 0.1 * target.mean(0))
-    # the last batch of an epoch may hold a single row: its std is undefined, stats stay finite
-    update_running_stats(model, u[:1], codes[:1])
-    for step in model.steps:
-        assert torch.isfinite(step.running_std).all() and torch.isfinite(step.running_mean).all()
 
 
 # ----------------------------------------------------------------------------- codeword reset

@@ -164,6 +164,8 @@ class Step(nn.Module):
             self.codebook = nn.Parameter(codebook_KD.clone())
         self.net = net
         self.preselector = nn.Parameter(codebook_KD.clone()) if preselect else None
+        # No longer read or updated (codeword resets now split live codewords); kept so that
+        # model files written by earlier versions load with strict key matching.
         self.register_buffer("running_mean", torch.zeros(D))
         self.register_buffer("running_std", torch.ones(D))
 

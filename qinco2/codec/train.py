@@ -117,22 +117,6 @@ def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_
     return float(sums[0] / max(float(sums[1]), 1.0)) * mse_scale
 
 
-# ----------------------------------------------------------------------------- running statistics
-
-@torch.no_grad()
-def update_running_stats(model: QincoModel, u_ND: torch.Tensor, codes_NM: torch.Tensor,
-                         momentum: float = 0.1) -> None:
-    """EMA of per-dimension mean/std of the target ``u - xhat`` entering each step."""
-    xhat = torch.zeros_like(u_ND)
-    for m, step in enumerate(model.steps):
-        if not step.frozen:
-            target = u_ND - xhat
-            step.running_mean.lerp_(target.mean(0), momentum)
-            if len(target) > 1:  # a one-row batch (an epoch's last) has no std: keep the EMA
-                step.running_std.lerp_(target.std(0), momentum)
-        xhat = step(codes_NM[:, m], xhat)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -199,7 +183,6 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     for i, batch in enumerate(batches):
         u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
         codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
-        update_running_stats(model, u, codes)
         for m, used in enumerate(usage):
             if used is not None:
                 used += torch.bincount(codes[:, m], minlength=used.numel())
@@ -229,7 +212,6 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
         if spent is not None and spent >= 1.0:
             out_of_time = True
             break
-    _reduce_epoch_statistics(model, workers)
     loss = workers.all_reduce_(torch.tensor([float(np.mean(losses)) if losses else math.nan], device=device), "mean")
     return float(loss[0]), resets, out_of_time
 
@@ -247,16 +229,6 @@ def _reset_codewords(run: _Run, i: int, usage: list, u_ND, codes_NM, resets: lis
         resets[m] += counts[m]
         if used is not None:
             used.zero_()
-
-
-def _reduce_epoch_statistics(model: QincoModel, workers: Workers) -> None:
-    """Running residual statistics averaged over the processes."""
-    if not workers.distributed:
-        return
-    for step in model.steps:
-        if not step.frozen:
-            workers.all_reduce_(step.running_mean, "mean")
-            workers.all_reduce_(step.running_std, "mean")
 
 
 def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bool:
