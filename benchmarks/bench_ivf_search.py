@@ -26,7 +26,7 @@ import torch
 from bench_codecs import QINCO_SETTINGS, environment
 
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
-from qinco2.codec.codes_io import encode_to_npz, load_encoded, model_sha
+from qinco2.codec.codes_io import encode_to_file, load_encoded, model_sha
 from qinco2.ivf import train_ivf_centroids
 from qinco2.ivfsearch.multistage import pareto_front, plot_pareto, sweep
 from qinco2.ivfsearch.pairwise import PairwiseDecoder
@@ -85,13 +85,13 @@ def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
 
     A, B = args.eval_AB
     for name, x in (("train", xt_raw[:args.n_encode_train]), ("db", xb)):
-        path = work / f"codes_{name}.npz"
+        path = work / f"codes_{name}.npy"
         if not path.is_file():
-            _, info[f"encode_{name}_s"] = timed(encode_to_npz, codec, x, path, A=A, B=B, batch=4096)
+            _, info[f"encode_{name}_s"] = timed(encode_to_file, codec, x, path, A=A, B=B, batch=4096)
             info[f"encode_{name}_us"] = 1e6 * info[f"encode_{name}_s"] / len(x)
             save_stage_log(info_path, info)
-    train_codes = load_encoded(work / "codes_train.npz", require_ivf=True)["codes"]
-    db_codes = load_encoded(work / "codes_db.npz", require_ivf=True)["codes"]
+    train_codes = load_encoded(work / "codes_train.npy", require_ivf=True)["codes"]
+    db_codes = load_encoded(work / "codes_db.npy", require_ivf=True)["codes"]
     x_enc = np.asarray(xt_raw[:len(train_codes)], dtype=np.float32)
 
     if "exhaustive" not in info:         # the codec alone: exact search over the decoded database
@@ -122,7 +122,7 @@ def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
 
 def run_ours(args, work: Path, xq, gt) -> dict[str, list[dict]]:
     codec = QincoCodec.load(work / "model.pt")
-    db_codes = load_encoded(work / "codes_db.npz", require_ivf=True)["codes"]
+    db_codes = load_encoded(work / "codes_db.npy", require_ivf=True)["codes"]
     index = load_index(work / "index.faissindex", model_sha=model_sha(codec), n_db=len(db_codes))
     pairwise = PairwiseDecoder.load(work / "pairwise.pt")
     out = {}

@@ -48,7 +48,7 @@ def main() -> None:
     startup = run([sys.executable, "-c", "import qinco2.cli.main, torch, faiss"], 1)
     configs = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
     for label, n_proc, threads in configs:
-        out = Path(args.work) / f"codes-{n_proc}x{threads}.npz"
+        out = Path(args.work) / f"codes-{n_proc}x{threads}.npy"
         out.unlink(missing_ok=True)
         argv = [*task, f"threads={threads}", f"output={out}"]
         cmd = (["bash", str(ROOT / "scripts" / "launch.sh"), "-n", str(n_proc), *argv] if n_proc > 1

@@ -10,17 +10,17 @@ Layers (imports point down only)::
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
-from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, encode_to_npz, load_encoded
+from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, convert_codes, encode_to_file, load_encoded
 from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
 from .errors import ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError, QincoError, VectorFileError
-from .formats import count_vectors, open_vectors, read_vectors, write_vectors
+from .formats import count_vectors, open_vectors, read_vectors, verify_vectors, write_vectors
 from .ivf import assign_to_centroids, train_ivf_centroids
 
 __all__ = [
     "QincoCodec", "ModelConfig", "TrainConfig", "PRESETS",
     "Dataset", "DataLimits", "resolve_dataset", "make_synthetic",
-    "open_vectors", "read_vectors", "write_vectors", "count_vectors",
-    "train_ivf_centroids", "assign_to_centroids", "encode_to_npz", "load_encoded",
+    "open_vectors", "read_vectors", "write_vectors", "count_vectors", "verify_vectors",
+    "train_ivf_centroids", "assign_to_centroids", "encode_to_file", "load_encoded", "convert_codes",
     "QincoError", "ConfigError", "DatasetError", "InputError", "ModelFileError",
     "NotTrainedError", "VectorFileError", "__version__",
 ]

@@ -151,7 +151,9 @@ class Dataset:
 
     def ground_truth(self) -> np.ndarray:
         """Ids of the true neighbours of each query, int64 (Q, k), nearest first (k may be 1)."""
-        gt = _open_ground_truth(self._require(self.groundtruth, "ground-truth", "queries_gt"))
+        path = self._require(self.groundtruth, "ground-truth", "queries_gt")
+        # a small file read whole: read_vectors checks every record header of a *vecs file
+        gt = _open_ground_truth(path) if path.suffix.lower() == ".npy" else read_vectors(path)
         gt_QK = np.array(gt, dtype=np.int64).reshape(len(gt), -1)
         if len(gt_QK) and gt_QK.min() < 0:
             raise DatasetError(f"ground truth {self.groundtruth} holds negative ids")

@@ -10,8 +10,17 @@ All multi-byte values are little-endian.
 
 `open_vectors` memory-maps a file as an ``(N, D)`` array and reads no vector data,
 `count_vectors` returns ``(N, D)`` from the header and size, `read_vectors` copies a block of
-rows into memory, `write_vectors` writes any format atomically, and `fbin_to_fvecs` converts
-files larger than RAM in chunks. Headers and sizes are checked by :mod:`qinco2.formats_layout`.
+rows into memory, `verify_vectors` checks a whole file, `write_vectors` writes any format
+atomically, and `fbin_to_fvecs` converts files larger than RAM in chunks.
+
+What is checked when (by :mod:`qinco2.formats_layout`):
+
+* at open (`open_vectors`, `count_vectors`): the header and the file size only. For *vecs files
+  that is the first record's dimension header, so opening the first rows of a 1B-row file
+  reads 4 bytes, not the file; the memory-mapped view does not check the other headers.
+* `read_vectors`: also the dimension header of every record it copies, and NaN/Inf.
+* `verify_vectors` (or ``open_vectors(path, check="full")``): every record header of the file,
+  read sequentially in bounded chunks, with a progress bar for big files.
 
 Every malformed file (also a missing one) raises `VectorFileError`, naming the file, the problem
 and how to fix it; a bad array or argument passed in raises `InputError`.
@@ -23,6 +32,7 @@ import logging
 import operator
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,18 +40,36 @@ from tqdm.auto import tqdm
 
 from qinco2.atomic import atomic_open
 from qinco2.errors import InputError, VectorFileError
-from qinco2.formats_layout import BIN_DTYPES, VECS_DTYPES, VECTOR_SUFFIXES, PathLike, inspect_vector_file, vector_suffix
+from qinco2.formats_layout import (
+    BIN_DTYPES,
+    VECS_DTYPES,
+    VECTOR_SUFFIXES,
+    Layout,
+    PathLike,
+    check_vecs_headers,
+    inspect_vector_file,
+    scan_vecs_headers,
+    vector_suffix,
+)
 
 logger = logging.getLogger(__name__)
 
-_HEADER_CHECK_ROWS = 1 << 20  # *vecs dimension headers compared per chunk
+_VERIFY_CHUNK_BYTES = 64 << 20  # bytes of a *vecs file read per chunk by verify_vectors
+_VERIFY_PROGRESS_BYTES = 1 << 30  # verify_vectors shows a progress bar from this file size on
 _FINITE_CHECK_VALUES = 1 << 24  # values tested for NaN/Inf per chunk
 _WRITE_CHUNK_BYTES = 64 << 20  # bytes of vector data converted and written per chunk
 _FLOAT32_EXACT_INT = 1 << 24  # integers up to this magnitude are exact in float32
 _INT32 = np.iinfo(np.int32)
 
-__all__ = ["VECTOR_SUFFIXES", "count_vectors", "open_vectors", "read_vectors", "write_vectors",
-           "fbin_to_fvecs"]
+__all__ = [
+    "VECTOR_SUFFIXES",
+    "count_vectors",
+    "fbin_to_fvecs",
+    "open_vectors",
+    "read_vectors",
+    "verify_vectors",
+    "write_vectors",
+]
 
 
 def count_vectors(path: PathLike) -> tuple[int, int]:
@@ -50,39 +78,68 @@ def count_vectors(path: PathLike) -> tuple[int, int]:
     return layout.n, layout.d
 
 
-def open_vectors(path: PathLike) -> np.ndarray:
+def open_vectors(path: PathLike, *, check: Literal["first", "full"] = "first") -> np.ndarray:
     """Memory-map a vector file as an ``(N, D)`` array in the file's own dtype.
 
     No vector data is read. For *vecs files the result is a strided view of the records
-    without their dimension header; every header is checked to hold the same dimension.
+    without their dimension header. ``check="first"`` (the default) checks the header and the
+    file size only: for *vecs files the first record's dimension, not the others (accessing
+    the view does not check them; `read_vectors` does, for the rows it copies).
+    ``check="full"`` first checks every record header, as `verify_vectors` does.
     """
+    if check not in ("first", "full"):
+        raise InputError(f"open_vectors: check must be 'first' or 'full', got {check!r}.")
     p, suffix, layout = inspect_vector_file(path)
+    if check == "full":
+        _verify(p, suffix, layout, progress=None, chunk_rows=None)
+    return _map_vectors(p, suffix, layout)[0]
+
+
+def _map_vectors(p: Path, suffix: str, layout: Layout) -> tuple[np.ndarray, np.ndarray | None]:
+    """Memory-mapped ``(x_ND, headers_N)``: the vectors, and for *vecs files their int32 headers.
+
+    Both are views of a memory map; nothing is read until they are accessed.
+    """
     if layout.n * layout.d == 0:
-        return np.empty((layout.n, layout.d), dtype=layout.dtype)
+        return np.empty((layout.n, layout.d), dtype=layout.dtype), None
     if suffix in VECS_DTYPES:
-        raw = np.memmap(p, dtype=np.uint8, mode="r", shape=(layout.n, layout.record_bytes))
-        _check_vecs_headers(p, raw[:, :4].view("<i4")[:, 0], layout.d)
-        return raw[:, 4:].view(layout.dtype)
+        raw_NB = np.memmap(p, dtype=np.uint8, mode="r", shape=(layout.n, layout.record_bytes))
+        return raw_NB[:, 4:].view(layout.dtype), raw_NB[:, :4].view("<i4")[:, 0]
     order = "F" if layout.fortran else "C"
     shape = (layout.n, layout.d)
-    return np.memmap(
-        p, dtype=layout.dtype, mode="r", offset=layout.offset, shape=shape, order=order
-    )
+    x_ND = np.memmap(p, dtype=layout.dtype, mode="r", offset=layout.offset, shape=shape, order=order)
+    return x_ND, None
 
 
-def _check_vecs_headers(p: Path, headers_N: np.ndarray, d: int) -> None:
-    """Raise if any *vecs record header differs from the first one (checked in chunks)."""
-    for start in range(0, len(headers_N), _HEADER_CHECK_ROWS):
-        chunk = np.asarray(headers_N[start : start + _HEADER_CHECK_ROWS])
-        bad = np.flatnonzero(chunk != d)
-        if bad.size:
-            row = start + int(bad[0])
-            raise VectorFileError(
-                f"{p}: record {row} has dimension header {int(chunk[bad[0]])}, but record 0 "
-                f"has {d}; all records must have the same dimension. The file is corrupt or "
-                "was concatenated from files of different dimensions: regenerate or "
-                "re-download it."
-            )
+def verify_vectors(
+    path: PathLike, *, progress: bool | None = None, chunk_rows: int | None = None
+) -> tuple[int, int]:
+    """Check a whole vector file and return its ``(N, D)``; raise `VectorFileError` if broken.
+
+    Beyond the header and size checked at open, every *vecs record's dimension header is
+    checked, reading the file sequentially ``chunk_rows`` records at a time (default: 64 MiB
+    worth), so memory stays bounded. ``progress=None`` shows a progress bar for files of
+    1 GiB or more. Vector values are not checked (`read_vectors` checks NaN/Inf).
+    """
+    p, suffix, layout = inspect_vector_file(path)
+    _verify(p, suffix, layout, progress=progress, chunk_rows=chunk_rows)
+    return layout.n, layout.d
+
+
+def _verify(p: Path, suffix: str, layout: Layout, *, progress: bool | None, chunk_rows: int | None) -> None:
+    """Check every record header of a *vecs file (other formats have only the one header)."""
+    if suffix not in VECS_DTYPES:
+        return
+    if chunk_rows is None:
+        chunk_rows = max(1, _VERIFY_CHUNK_BYTES // layout.record_bytes)
+    if operator.index(chunk_rows) <= 0:
+        raise InputError(f"verify_vectors: chunk_rows must be a positive integer, got {chunk_rows}.")
+    if progress is None:
+        progress = layout.n * layout.record_bytes >= _VERIFY_PROGRESS_BYTES
+    bar = tqdm(total=layout.n, unit="vec", desc=f"checking {p.name}", disable=not progress)
+    with bar:
+        for rows in scan_vecs_headers(p, layout, chunk_rows):
+            bar.update(rows)
 
 
 def read_vectors(
@@ -95,25 +152,22 @@ def read_vectors(
 ) -> np.ndarray:
     """Read rows ``[start, stop)`` of a vector file into a C-contiguous in-memory array.
 
-    Only those rows are read. ``dtype=None`` keeps the file's dtype (native byte order);
-    otherwise the rows are converted (``same_kind`` casting, e.g. uint8 or float16 to float32).
+    Only those rows are read, and for *vecs files the dimension header of each of them is
+    checked. ``dtype=None`` keeps the file's dtype (native byte order); otherwise the rows are
+    converted (``same_kind`` casting, e.g. uint8 or float16 to float32).
     With ``check_finite``, float results holding NaN or Inf raise `VectorFileError`.
     """
-    x_ND = open_vectors(path)
-    n = x_ND.shape[0]
-    start = operator.index(start)
-    stop = n if stop is None else operator.index(stop)
-    if not 0 <= start <= stop <= n:
-        raise InputError(
-            f"{path}: rows [{start}, {stop}) are out of range for a file of {n} vectors; "
-            f"use 0 <= start <= stop <= {n}."
-        )
+    p, suffix, layout = inspect_vector_file(path)
+    x_ND, headers_N = _map_vectors(p, suffix, layout)
+    start, stop = _row_range(path, layout.n, start, stop)
     target = x_ND.dtype.newbyteorder("=") if dtype is None else np.dtype(dtype)
     if not np.can_cast(x_ND.dtype, target, casting="same_kind"):
         raise InputError(
             f"{path}: cannot convert the file's {x_ND.dtype} vectors to {target} without losing "
             "values; read them with dtype=None and convert explicitly."
         )
+    if headers_N is not None:
+        check_vecs_headers(p, headers_N[start:stop], layout.d, first_row=start)
     with np.errstate(over="ignore"):
         block_ND = np.array(x_ND[start:stop], dtype=target, order="C")
     if check_finite and target.kind == "f":
@@ -126,6 +180,18 @@ def read_vectors(
                 "to read it anyway."
             )
     return block_ND
+
+
+def _row_range(path: PathLike, n: int, start: int, stop: int | None) -> tuple[int, int]:
+    """``(start, stop)`` as integers, or raise `InputError` unless ``0 <= start <= stop <= n``."""
+    start = operator.index(start)
+    stop = n if stop is None else operator.index(stop)
+    if not 0 <= start <= stop <= n:
+        raise InputError(
+            f"{path}: rows [{start}, {stop}) are out of range for a file of {n} vectors; "
+            f"use 0 <= start <= stop <= {n}."
+        )
+    return start, stop
 
 
 def _first_nonfinite_row(x_ND: np.ndarray) -> int | None:

@@ -2,12 +2,17 @@
 
 :func:`inspect_vector_file` reads a file's header and size (no vector data) and returns
 its :class:`Layout`, or raises `VectorFileError` saying what is wrong and how to fix it.
+For ``.fvecs``/``.bvecs``/``.ivecs`` only the first record's dimension header is read there
+(4 bytes, whatever the file size); the size must be ``n * (4 + d * itemsize)``. The other
+records' headers are checked when their rows are read (:func:`check_vecs_headers`) or by
+a full scan on demand (:func:`scan_vecs_headers`, chunked so memory stays bounded).
 The formats themselves are described in :mod:`qinco2.formats`, which reads and writes them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,8 @@ PathLike = str | os.PathLike[str]
 VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".ivecs", ".fbin", ".u8bin", ".ibin", ".npy")
 VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
 BIN_DTYPES = {".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".ibin": np.dtype("<i4")}
+
+_HEADER_CHECK_ROWS = 1 << 20  # *vecs dimension headers compared per chunk
 
 
 @dataclass(frozen=True)
@@ -151,3 +158,47 @@ def _npy_layout(p: Path, size: int) -> Layout:
             f"bytes, but it is {size} bytes (data {problem}). Re-save or re-download it."
         )
     return Layout(n=shape[0], d=shape[1], dtype=dtype, offset=offset, fortran=fortran)
+
+
+# ---------------------------------------------------------------------------
+# *vecs record headers beyond the first one
+
+
+def check_vecs_headers(p: Path, headers_R: np.ndarray, d: int, first_row: int = 0) -> None:
+    """Raise `VectorFileError` if a header of records ``first_row, first_row + 1, ...`` is not ``d``.
+
+    ``headers_R`` holds the int32 dimension headers of consecutive records (it may be a
+    memory-mapped view: only those headers are read, in chunks).
+    """
+    for start in range(0, len(headers_R), _HEADER_CHECK_ROWS):
+        chunk_C = np.asarray(headers_R[start : start + _HEADER_CHECK_ROWS])
+        bad = np.flatnonzero(chunk_C != d)
+        if bad.size:
+            row = first_row + start + int(bad[0])
+            raise VectorFileError(
+                f"{p}: record {row} has dimension header {int(chunk_C[bad[0]])}, but record 0 "
+                f"has {d}; all records must have the same dimension. The file is corrupt or "
+                "was concatenated from files of different dimensions: regenerate or "
+                "re-download it."
+            )
+
+
+def scan_vecs_headers(p: Path, layout: Layout, chunk_rows: int) -> Iterator[int]:
+    """Check every record header of a *vecs file, reading ``chunk_rows`` records at a time.
+
+    Reads the whole file sequentially into one reused buffer (memory stays bounded) and
+    yields the number of records checked after each chunk, for a progress bar.
+    """
+    record = layout.record_bytes
+    buf_RB = np.empty((max(1, min(chunk_rows, layout.n)), record), dtype=np.uint8)
+    with open(p, "rb") as f:
+        for start in range(0, layout.n, len(buf_RB)):
+            chunk_RB = buf_RB[: min(len(buf_RB), layout.n - start)]
+            got = f.readinto(memoryview(chunk_RB).cast("B"))
+            if got != chunk_RB.nbytes:
+                raise VectorFileError(
+                    f"{p}: the file ended after {start * record + got} bytes while being checked "
+                    f"({layout.n * record} expected); it was changed meanwhile. Check it again."
+                )
+            check_vecs_headers(p, chunk_RB[:, :4].view("<i4")[:, 0], layout.d, start)
+            yield len(chunk_RB)

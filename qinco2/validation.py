@@ -30,13 +30,20 @@ VECTOR_KINDS = "iuf"           # default vector dtypes: signed/unsigned integers
 CODE_KINDS = "iu"
 
 
+def _is_array(a) -> bool:
+    """A numpy array, or an array-like of rows with a numpy dtype (such as the lazy
+    :class:`~qinco2.codec.code_layout.PackedCodes` of a codes file)."""
+    return isinstance(a, np.ndarray) or (isinstance(getattr(a, "dtype", None), np.dtype)
+                                         and hasattr(a, "shape") and hasattr(a, "__getitem__"))
+
+
 def _describe(a) -> str:
-    return f"shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+    return f"shape {a.shape}" if _is_array(a) else type(a).__name__
 
 
 def _check_array(a, what: str, layout: str, kinds: str, kind_words: str, dtypes) -> None:
     """Type, rank and dtype of a 2-D array (``layout`` such as ``(N, D)``)."""
-    if not isinstance(a, np.ndarray):
+    if not _is_array(a):
         raise InputError(f"{what} must be a 2-D numpy array {layout}, got {_describe(a)}; "
                          f"convert it with np.asarray({what})")
     if a.ndim != 2:

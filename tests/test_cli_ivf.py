@@ -47,7 +47,7 @@ def chain(tmp_path_factory, clustered):
     for name, model, extra in (("A_train", "A", ["encode_trainset=true", f"trainset={p['learn']}"]),
                                ("A_db", "A", []), ("B_db", "B", []), ("A_db400", "A", ["ds.db=400"]),
                                ("flat_db", "flat", [])):
-        p[name] = str(root / f"{name}.npz")
+        p[name] = str(root / f"{name}.npy")
         run(["task=encode", f"model={p[model]}", f"db={p['base']}", f"output={p[name]}",
              *extra, *COMMON])
     return p
@@ -117,17 +117,17 @@ def test_build_index_and_search_with_resume(capsys, chain, built):
 @pytest.mark.parametrize("case, words", [
     ("index_of_another_model", ["was built from codes of model", "task=build_index"]),
     ("index_of_another_database", ["holds 500 database vectors", "has 400"]),
-    ("db_codes_of_another_model", ["A_db.npz", "come from model", "task=encode"]),
+    ("db_codes_of_another_model", ["A_db.npy", "come from model", "task=encode"]),
     ("search_flat_codes", ["without IVF", "ivf_centroids="]),
     ("search_without_encoded_db", ["encoded_db=", "task=encode"]),
-    ("index_from_two_models", ["A_train.npz", "B_db.npz", "different models"]),
-    ("index_missing_codes", ["missing.npz", "does not exist", "task=encode"]),
+    ("index_from_two_models", ["A_train.npy", "B_db.npy", "different models"]),
+    ("index_missing_codes", ["missing.npy", "does not exist", "task=encode"]),
     ("pairwise_flat_codes", ["without IVF"]),
     ("pairwise_row_mismatch", ["3000 encoded rows", "1300", "encode_trainset=true"]),
 ])
 def test_mismatched_files_are_refused(capsys, chain, built, tmp_path, case, words):
     p, index = chain, built["index"]
-    out, missing = f"output={tmp_path / 'out'}", str(tmp_path / "missing.npz")
+    out, missing = f"output={tmp_path / 'out'}", str(tmp_path / "missing.npy")
     argv = {
         "index_of_another_model": _search_args(p, p["B"], p["B_db"], index),
         "index_of_another_database": _search_args(p, p["A"], p["A_db400"], index),

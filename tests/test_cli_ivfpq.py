@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from qinco2 import encode_to_npz, write_vectors
+from qinco2 import encode_to_file, write_vectors
 from qinco2.metrics import knn
 
 COMMON = ["cpu=true", "verbose=false"]
@@ -54,16 +54,16 @@ def test_refine_with_qinco2_codes(files, capsys, trained_codec, tmp_path):
     root, data, base = files
     index = root / "b.ivfpq"
     assert run_cli(capsys, "task=ivfpq_build", *data, *SMALL, f"output={index}", *COMMON)[0] == 0
-    model, codes = tmp_path / "m.pt", tmp_path / "codes.npz"
+    model, codes = tmp_path / "m.pt", tmp_path / "codes.npy"
     trained_codec.save(model)
-    encode_to_npz(trained_codec, base, codes, progress=False)
+    encode_to_file(trained_codec, base, codes, progress=False)
     rc, _, err, r = run_cli(capsys, "task=ivfpq_search", *data, f"index={index}", "n_probes=16", "refine=codec",
                             "refine_ratio=4", f"model={model}", f"encoded_db={codes}", *COMMON)
     assert rc == 0, err
     assert r["refine"] == "codec" and 0 < r["runs"][0]["R@1"] <= 1
-    encode_to_npz(trained_codec, base[:100], tmp_path / "short.npz", progress=False)
+    encode_to_file(trained_codec, base[:100], tmp_path / "short.npy", progress=False)
     rc, _, err, _ = run_cli(capsys, "task=ivfpq_search", *data, f"index={index}", "refine=codec", "refine_ratio=4",
-                            f"model={model}", f"encoded_db={tmp_path / 'short.npz'}", *COMMON)
+                            f"model={model}", f"encoded_db={tmp_path / 'short.npy'}", *COMMON)
     assert rc == 2 and "holds 100 codes but the index holds 3000" in err
 
 

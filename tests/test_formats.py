@@ -21,6 +21,7 @@ from qinco2.formats import (
     fbin_to_fvecs,
     open_vectors,
     read_vectors,
+    verify_vectors,
     write_vectors,
 )
 
@@ -311,10 +312,15 @@ def test_changed_header_dimension_raises(tmp_path, suffix, shape, data):
         f.seek(row * record)
         f.write(np.int32(new_d).tobytes())
     assert count_vectors(path) == (n, d)  # header and size only: corruption inside is not seen
-    with _raises_naming(path, f"record {row}", f"header {new_d}", f"record 0 has {d}"):
-        open_vectors(path)
-    with _raises_naming(path, f"record {row}"):
-        read_vectors(path, 0, 1)
+    assert open_vectors(path).shape == (n, d)  # the same at open: only the first header is read
+    words = [f"record {row}", f"header {new_d}", f"record 0 has {d}", "re-download"]
+    for call in (verify_vectors, lambda p: open_vectors(p, check="full"), read_vectors,
+                 lambda p: read_vectors(p, row, row + 1), lambda p: read_vectors(p, row - 1)):
+        with _raises_naming(path, *words):
+            call(path)
+    np.testing.assert_array_equal(read_vectors(path, 0, row), _random(suffix, n, d)[:row])
+    if row + 1 < n:  # the rows after the bad one are read without it
+        np.testing.assert_array_equal(read_vectors(path, row + 1), _random(suffix, n, d)[row + 1 :])
 
 
 @pytest.mark.parametrize("suffix", VECS)

@@ -3,7 +3,7 @@
 
     qinco2 task=train model_args=qinco2-S db=sift-photos M=8 output=runs/s8.pt
     qinco2 task=eval model=runs/s8.pt db=sift-photos A=16 B=32
-    qinco2 task=encode model=runs/s8.pt db=sift-photos output=runs/s8_db.npz
+    qinco2 task=encode model=runs/s8.pt db=sift-photos output=runs/s8_db.npy
 
 ``eval`` and ``search`` rank the decoded database by the data set's metric (``l2``, or ``ip``
 for inner-product sets such as ``wordnet-minilm``), or by ``metric=l2|ip``.
@@ -133,14 +133,14 @@ def task_search_exhaustive(args: CliArgs, given: set[str], device: str) -> dict:
 
 
 def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
-    from ..codec.codes_io import encode_to_npz
+    from ..codec.codes_io import encode_to_file
 
-    output = require(args, "output", "path of the .npz file to write")
+    output = require(args, "output", "path of the codes file to write (.npy; its .npy.json sidecar goes beside it)")
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     limits = data_limits(args)
     parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
-    r = encode_to_npz(codec, parts, output, progress=args.verbose, shard_rows=args.shard_rows,
+    r = encode_to_file(codec, parts, output, progress=args.verbose, shard_rows=args.shard_rows,
                       workers=launched_workers(args))
     what = "training set (training then validation rows)" if args.encode_trainset else "database"
     if launched_rank() == 0:

@@ -4,7 +4,7 @@ r"""The IVF-PQ tasks of the command line: ``task=ivfpq_build`` and ``task=ivfpq_
     qinco2 task=ivfpq_search db=sift-photos index=sift.ivfpq n_probes=[5,10,20,50] k=10
     qinco2 task=ivfpq_search db=sift-photos index=sift.ivfpq refine_ratio=4 refine=raw
     qinco2 task=ivfpq_search db=sift-photos index=sift.ivfpq refine_ratio=4 refine=codec \
-        model=qinco2.pt encoded_db=db_codes.npz
+        model=qinco2.pt encoded_db=db_codes.npy
 
 The keys carry the names of :class:`qinco2.ivfpq.IndexParams` and
 :class:`qinco2.ivfpq.SearchParams`; keys left out keep their cuVS defaults.
@@ -71,7 +71,7 @@ def _refiner(args: CliArgs, ds, limits, index, device: str) -> dict | None:
     if args.encoded_db is None or args.model is None:
         raise ConfigError("refine=codec needs model=<QINCo2 model.pt> and encoded_db=<codes of the "
                           "database from `qinco2 task=encode model=<model.pt> db=<vectors> "
-                          "output=db_codes.npz`>")
+                          "output=db_codes.npy`>")
     codec = load_codec(args, set(), device)
     enc = load_encoded(args.encoded_db)
     if enc["model_sha"] is not None and enc["model_sha"] != model_sha(codec):

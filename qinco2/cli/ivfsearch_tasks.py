@@ -3,9 +3,9 @@ r"""The IVF-QINCo2 search tasks of the command line: ``ivf_centroids``,
 
     qinco2 task=ivf_centroids ivf_K=4096 db=sift-photos output=runs/ivf4096.npy
     qinco2 task=build_index db=sift-photos ivf_centroids=runs/ivf4096.npy \
-        encoded_trainset=runs/ivf_s8_train.npz encoded_db=runs/ivf_s8_db.npz output=runs/ivf.index
+        encoded_trainset=runs/ivf_s8_train.npy encoded_db=runs/ivf_s8_db.npy output=runs/ivf.index
     qinco2 task=search db=sift-photos model=runs/ivf_s8.pt index=runs/ivf.index \
-        encoded_db=runs/ivf_s8_db.npz nprobe=[4,16,64] nshort=[10,100,1000]
+        encoded_db=runs/ivf_s8_db.npy nprobe=[4,16,64] nshort=[10,100,1000]
 
 Each task calls :mod:`qinco2.ivfsearch.pipeline` (or :mod:`qinco2.ivf`) and prints.
 """
@@ -91,7 +91,7 @@ def task_search_index(args: CliArgs, given: set[str], device: str) -> dict:
     if args.encoded_db is None:
         raise ConfigError("task=search with index= needs encoded_db=<codes of the database>: "
                           "produce it with `qinco2 task=encode model=<model.pt> db=<vectors> "
-                          "output=db_codes.npz`")
+                          "output=db_codes.npy`")
     if args.resume and args.output is None:
         raise ConfigError("resume=true continues a search log: add output=<log.json>")
     codec = load_codec(args, given, device)

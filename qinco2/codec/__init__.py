@@ -5,10 +5,11 @@ Imports point down only: this package uses the shared layer (``qinco2.formats``,
 ``qinco2.kmeans``, ...) and nothing from ``qinco2.ivfsearch``, ``qinco2.ivfpq`` or ``qinco2.cli``.
 """
 
+from .code_layout import CodeLayout, PackedCodes
 from .codec import QincoCodec
-from .codes_io import encode_to_npz, load_encoded
+from .codes_io import convert_codes, encode_to_file, load_encoded
 from .model import PRESETS, ModelConfig, QincoModel
 from .train import TrainConfig
 
-__all__ = ["QincoCodec", "ModelConfig", "QincoModel", "TrainConfig", "PRESETS", "encode_to_npz",
-           "load_encoded"]
+__all__ = ["QincoCodec", "ModelConfig", "QincoModel", "TrainConfig", "PRESETS", "encode_to_file",
+           "load_encoded", "convert_codes", "CodeLayout", "PackedCodes"]

@@ -14,6 +14,7 @@ from ..distributed import Workers
 from ..errors import ConfigError, InputError, NotTrainedError
 from ..ivf import check_centroids
 from ..validation import check_codes, check_vectors
+from .code_layout import CodeLayout
 from .encode import DEFAULT_MAX_BYTES, encode
 from .model import PRESETS, ModelConfig, QincoModel
 from .sizing import SMALL_DATA_PATIENCE, fit_to_data
@@ -90,6 +91,17 @@ class QincoCodec:
         """Columns of the code arrays: M (plus the leading IVF id for IVF models)."""
         return self._model().n_codes
 
+    @property
+    def code_layout(self) -> CodeLayout:
+        """Byte layout of a packed code (:mod:`qinco2.codec.code_layout`)."""
+        cfg = self._model().cfg
+        return CodeLayout(M=cfg.M, K=cfg.K, ivf_K=cfg.ivf_K)
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per vector of the packed codes (``encode(..., packed=True)``), as faiss's ``sa_code_size``."""
+        return self.code_layout.code_size
+
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         """Float32 rows on the device (already validated, NaN/Inf included, by ``check_vectors``)."""
         return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
@@ -161,9 +173,11 @@ class QincoCodec:
         return new
 
     # ------------------------------------------------------------------ inference
-    def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None,
+    def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None, packed: bool = False,
                batch_size: int = 65_536, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
-        """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values."""
+        """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values.
+        ``packed``: ``(N, code_size)`` uint8 instead, the vectors at their real size (as faiss's
+        ``sa_encode``; :attr:`code_layout` gives the byte layout)."""
         model = self._model()
         x = check_vectors(x, "x", model.cfg.D, dim_owner=f"the codec was trained on D={model.cfg.D}")
         A = model.cfg.A if A is None else A
@@ -173,24 +187,34 @@ class QincoCodec:
         if A > 0 and model.cfg.A == 0:
             raise InputError(f"A={A} needs pre-selection codebooks, but this model was trained with A=0; "
                              "encode with A=0 (exhaustive) or retrain with A > 0")
-        out = np.empty((len(x), model.n_codes), dtype=np.int32)
+        layout = self.code_layout
+        out = (np.empty((len(x), layout.code_size), dtype=np.uint8) if packed
+               else np.empty((len(x), model.n_codes), dtype=np.int32))
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 u = model.normalize(self._tensor(x[i:i + batch_size]))
-                codes, _ = encode(model, u, A=A, B=B, max_bytes=max_bytes)
-                out[i:i + len(u)] = codes.cpu().numpy()
+                codes = encode(model, u, A=A, B=B, max_bytes=max_bytes)[0].cpu().numpy()
+                out[i:i + len(u)] = layout.pack(codes) if packed else codes
         return out
 
-    def decode(self, codes: np.ndarray, *, batch_size: int = 65_536) -> np.ndarray:
+    def decode(self, codes: np.ndarray, *, packed: bool = False, batch_size: int = 65_536) -> np.ndarray:
         """Float32 vectors ``(N, D)`` from codes ``(N, m)``; ``m < n_codes`` decodes the prefix
-        (the first ``m`` steps: a lower rate from the same model)."""
+        (the first ``m`` steps: a lower rate from the same model). ``packed``: ``codes`` are the
+        ``(N, code_size)`` uint8 of ``encode(..., packed=True)`` (whole codes only). Values are
+        checked batch by batch, so a memory-mapped array is read once."""
         model = self._model()
-        check_codes(codes, columns=(1, model.n_codes), columns_are="a prefix of this model's steps")
-        check_codes(codes, [s.K for s in model.steps[:codes.shape[1]]], fix="pass codes made by this model")
+        if packed:
+            check_codes(codes, columns=self.code_size, columns_are="code_size bytes per vector",
+                        fix="pass the packed codes made by this model")
+        else:
+            check_codes(codes, columns=(1, model.n_codes), columns_are="a prefix of this model's steps")
         out = np.empty((len(codes), model.cfg.D), dtype=np.float32)
         with torch.no_grad():
             for i in range(0, len(codes), batch_size):
-                c = torch.as_tensor(codes[i:i + batch_size].astype(np.int64), device=self.device)
+                block = codes[i:i + batch_size]
+                block = self.code_layout.unpack(block) if packed else np.asarray(block)
+                check_codes(block, [s.K for s in model.steps[:block.shape[1]]], fix="pass codes made by this model")
+                c = torch.as_tensor(block.astype(np.int64), device=self.device)
                 out[i:i + len(c)] = model.denormalize(model.decode(c)).cpu().numpy()
         return out
 

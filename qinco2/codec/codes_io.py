@@ -1,15 +1,21 @@
-"""Encoding large (memory-mapped, larger than RAM) arrays to a ``.npz`` codes file, and
-reading it back (spec section 8.3).
+"""Encoding large (memory-mapped, larger than RAM) arrays to a codes file, and reading it
+back (spec section 8.3).
 
-A codes file holds ``codes`` int32 ``(N, n_codes)`` (for an IVF model column 0 is the IVF id,
-columns 1..M the step codes), the code sizes ``K``, ``M``, ``D``, ``ivf_K`` (0 without IVF),
-and ``model_sha``: a short digest of the model's weights, so that later stages can check that
-codes and model belong together.
+A codes file is two files:
 
-:func:`encode_to_npz` encodes shard by shard (split over the processes of a launched job),
+* ``codes.npy``: the packed codes ``(N, code_size)`` uint8 (:mod:`.code_layout`: for an IVF
+  model the IVF id first, as the smallest integer type that holds it, then one byte per step
+  for ``K <= 256``), a plain NumPy file that is memory-mapped, never read whole;
+* ``codes.npy.json``: the sidecar, with the code sizes ``K``, ``M``, ``D``, ``ivf_K`` (0
+  without IVF), ``rows``, the byte layout and ``model_sha``, a short digest of the model's
+  weights, so that later stages can check that codes and model belong together.
+
+:func:`encode_to_file` encodes shard by shard (split over the processes of a launched job),
 each shard written with a checksum so that a killed job resumes where it stopped, then merges
-the shards into the ``.npz`` atomically (temporary file, then rename): peak disk use is about
-three times the codes' size, memory use one chunk.
+the shards into the ``.npy`` (temporary file, then rename; the sidecar is written last, so a
+codes file without its sidecar is never taken for a finished one): peak disk use is about
+twice the codes' size, memory use one chunk. :func:`load_encoded` also reads the ``.npz``
+files of earlier versions (into memory); :func:`convert_codes` rewrites one as ``.npy``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -28,10 +33,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, atomic_path
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
 from ..validation import check_vectors
+from .code_layout import CodeLayout, PackedCodes
 from .codec import QincoCodec
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 SIZE_KEYS = ("K", "M", "D", "ivf_K")
 SHARD_ROWS = 65_536     # rows per restartable shard of an encoding job
 ENCODE_HINT = "produce it with `qinco2 task=encode model=<model.pt> db=<vectors> output={path}`"
+FORMAT = "qinco2-codes"
+FORMAT_VERSION = 1
 
 
 def model_sha(codec: QincoCodec) -> str:
@@ -91,9 +99,9 @@ def _shard_bytes(shard: Path) -> bytes | None:
     return data if check.read_text().strip() == hashlib.sha256(data).hexdigest() else None
 
 
-def _write_shard(shard: Path, codes: np.ndarray) -> None:
+def _write_shard(shard: Path, packed_NC: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.save(buffer, codes)
+    np.save(buffer, packed_NC)
     data = buffer.getvalue()
     with atomic_open(shard) as f:
         f.write(data)
@@ -116,12 +124,17 @@ def _prepare_parts(work: Path, job: dict, workers: Workers) -> None:
     workers.barrier()
 
 
-def encode_to_npz(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: bool = True,
-                  A: int | None = None, B: int | None = None, shard_rows: int = SHARD_ROWS,
-                  workers: Workers = Workers()) -> dict:
+def sidecar_path(path) -> Path:
+    """The JSON sidecar of the codes file ``path`` (``codes.npy`` -> ``codes.npy.json``)."""
+    return Path(f"{path}.json")
+
+
+def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: bool = True,
+                   A: int | None = None, B: int | None = None, shard_rows: int = SHARD_ROWS,
+                   workers: Workers = Workers()) -> dict:
     """Encode ``x`` (an ``(N, D)`` array, or a list of arrays encoded one after the other) to
-    the codes file ``path`` (``.npz``), ``batch`` rows at a time; ``A``/``B`` override the
-    model's beam. Returns the file's sizes, ``model_sha`` and the codes' ``shape``.
+    the codes file ``path`` (``.npy`` plus its ``.npy.json`` sidecar), ``batch`` rows at a
+    time; ``A``/``B`` override the model's beam. Returns the sidecar's content.
 
     The rows are cut into shards of ``shard_rows``; shard ``i`` is encoded by process
     ``i % world_size`` and written, with its checksum, to the folder ``.<name>.parts`` beside
@@ -130,15 +143,16 @@ def encode_to_npz(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: 
     cfg = codec._model().cfg
     parts = _parts(x, cfg.D)
     path = Path(path)
-    if path.suffix != ".npz":
-        raise InputError(f"the codes file must end in .npz, got {path}")
+    if path.suffix != ".npy":
+        raise InputError(f"the codes file must end in .npy (packed codes, memory-mapped when read; a "
+                         f".npy.json sidecar is written beside it), got {path}")
     if shard_rows < 1:
         raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
     path.parent.mkdir(parents=True, exist_ok=True)
     n = sum(len(p) for p in parts)
     meta = {"K": cfg.K, "M": cfg.M, "D": cfg.D, "ivf_K": cfg.ivf_K, "model_sha": model_sha(codec)}
     work = path.parent / f".{path.name}.parts"
-    _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B,
+    _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B, "format": FORMAT_VERSION,
                           "data": _fingerprint(parts, n)}, workers)
     shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
     with tqdm(total=n, unit="vec", desc=f"encode {path.name}", disable=not (progress and workers.is_main)) as bar:
@@ -146,47 +160,108 @@ def encode_to_npz(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: 
             lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
             shard = work / f"shard-{i:07d}.npy"
             if _shard_bytes(shard) is None:
-                codes = np.concatenate([codec.encode(_rows(parts, a, min(a + batch, hi)), A=A, B=B, batch_size=batch)
-                                        for a in range(lo, hi, batch)])
-                _write_shard(shard, codes)
+                packed = [codec.encode(_rows(parts, a, min(a + batch, hi)), A=A, B=B, batch_size=batch, packed=True)
+                          for a in range(lo, hi, batch)]
+                _write_shard(shard, np.concatenate(packed))
             bar.update((hi - lo) * workers.world_size)
     workers.barrier()
+    sidecar = {**meta, "rows": n}
     if workers.is_main:
-        _merge_shards(work, path, n, codec.n_codes, shard_rows, meta)
+        sidecar = _write_codes_file(path, meta, n, lambda out: _fill_from_shards(out, work, shard_rows))
+        shutil.rmtree(work)
     workers.barrier()
-    log.info("wrote codes (%d, %d) to %s", n, codec.n_codes, path)
-    return {**meta, "shape": [n, codec.n_codes]}
+    log.info("wrote %d codes of %d bytes to %s", n, codec.code_size, path)
+    return {**sidecar, "shape": [n, codec.n_codes]}
 
 
-def _merge_shards(work: Path, path: Path, n: int, n_codes: int, shard_rows: int, meta: dict) -> None:
-    """Concatenate the checked shards into the ``.npz`` (through a temporary memory map)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".codes.npy", dir=path.parent)
-    os.close(fd)
-    try:
-        codes_NM = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, n_codes))
-        for i in range(-(-n // shard_rows)):
-            shard = work / f"shard-{i:07d}.npy"
-            data = _shard_bytes(shard)
-            if data is None:
-                raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
-            codes_NM[i * shard_rows:(i + 1) * shard_rows] = np.load(io.BytesIO(data))
-        codes_NM.flush()
-        with atomic_open(path) as f:          # np.savez streams a memory map in 16 MiB pieces
-            np.savez(f, codes=codes_NM, **meta)
-        del codes_NM
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    shutil.rmtree(work)
+def _fill_from_shards(out_NC: np.ndarray, work: Path, shard_rows: int) -> None:
+    for i in range(-(-len(out_NC) // shard_rows)):
+        shard = work / f"shard-{i:07d}.npy"
+        data = _shard_bytes(shard)
+        if data is None:
+            raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
+        out_NC[i * shard_rows:(i + 1) * shard_rows] = np.load(io.BytesIO(data))
+
+
+def _write_codes_file(path: Path, meta: dict, n: int, fill) -> dict:
+    """Write the packed codes ``(n, code_size)`` (``fill(memory_map)`` writes the rows) to
+    ``path`` atomically, then its sidecar; returns the sidecar's content."""
+    layout = CodeLayout(M=meta["M"], K=meta["K"], ivf_K=meta["ivf_K"])
+    sidecar = sidecar_path(path)
+    sidecar.unlink(missing_ok=True)       # a codes file without its sidecar is an unfinished one
+    with atomic_path(path) as tmp:
+        out_NC = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, layout.code_size))
+        fill(out_NC)
+        out_NC.flush()
+        del out_NC
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    content = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "rows": n, **layout.to_dict()}
+    with atomic_open(sidecar) as f:
+        f.write(json.dumps(content, indent=1).encode())
+    return content
+
+
+def convert_codes(npz_path, npy_path, *, batch: int = 1 << 20) -> dict:
+    """Rewrite a ``.npz`` codes file of an earlier version as a ``.npy`` codes file with its
+    sidecar (packed, memory-mappable); returns the sidecar's content."""
+    old = load_encoded(npz_path)
+    npy_path = Path(npy_path)
+    if npy_path.suffix != ".npy":
+        raise InputError(f"the new codes file must end in .npy, got {npy_path}")
+    meta = {k: old[k] for k in (*SIZE_KEYS, "model_sha")}
+    layout = CodeLayout(M=old["M"], K=old["K"], ivf_K=old["ivf_K"])
+    codes = old["codes"]
+
+    def fill(out_NC):
+        for i in range(0, len(codes), batch):
+            out_NC[i:i + batch] = layout.pack(codes[i:i + batch])
+
+    return _write_codes_file(npy_path, meta, len(codes), fill)
 
 
 def load_encoded(path, *, require_ivf: bool = False) -> dict:
-    """The content of a codes file written by :func:`encode_to_npz`: ``codes`` int32
-    ``(N, n_codes)``, ``K``, ``M``, ``D``, ``ivf_K`` (int) and ``model_sha`` (str; None in files
-    written before it existed). ``require_ivf``: the codes must start with an IVF column."""
+    """The content of a codes file written by :func:`encode_to_file`: ``codes`` (a
+    :class:`~qinco2.codec.code_layout.PackedCodes`, the int32 ``(N, n_codes)`` codes unpacked
+    on access from a memory map), ``K``, ``M``, ``D``, ``ivf_K`` (int) and ``model_sha`` (str).
+    A ``.npz`` of an earlier version is read into memory (``codes`` int32; ``model_sha`` None in
+    the oldest). ``require_ivf``: the codes must start with an IVF column."""
     p = Path(path)
-    hint = ENCODE_HINT.format(path=p)
+    hint = ENCODE_HINT.format(path=p.with_suffix(".npy"))
     if not p.is_file():
         raise DatasetError(f"codes file {p} does not exist; {hint}")
+    out = _load_npz(p, hint) if p.suffix == ".npz" else _load_npy(p, hint)
+    if require_ivf and not out["ivf_K"]:
+        raise InputError(f"the codes in {p} come from a model without IVF (ivf_K=0); train the "
+                         "model with ivf_centroids=<centroids.npy> (made by `qinco2 "
+                         "task=ivf_centroids ivf_K=... output=centroids.npy`) and encode again")
+    return out
+
+
+def _load_npy(p: Path, hint: str) -> dict:
+    sidecar = sidecar_path(p)
+    if not sidecar.is_file():
+        raise DatasetError(f"{p} has no sidecar {sidecar.name} (an unfinished or foreign file); {hint}")
+    try:
+        meta = json.loads(sidecar.read_text())
+        layout = CodeLayout(M=int(meta["M"]), K=int(meta["K"]), ivf_K=int(meta["ivf_K"]))
+        rows = int(meta["rows"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{sidecar} is not a qinco2 codes sidecar ({exc!r}); {hint}") from None
+    try:
+        packed_NC = np.load(p, mmap_mode="r" if rows else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"cannot read codes file {p} ({exc}); {hint}") from None
+    if packed_NC.dtype != np.uint8 or packed_NC.shape != (rows, layout.code_size):
+        raise DatasetError(f"{p}: packed codes of shape {packed_NC.shape} and dtype {packed_NC.dtype} do not "
+                           f"match its sidecar ({rows} rows of {layout.code_size} bytes); {hint}")
+    out = {k: int(meta[k]) for k in SIZE_KEYS}
+    out["model_sha"] = meta.get("model_sha")
+    out["codes"] = PackedCodes(packed_NC, layout)
+    return out
+
+
+def _load_npz(p: Path, hint: str) -> dict:
     try:
         with np.load(p, allow_pickle=False) as z:
             content = {k: z[k] for k in z.files}
@@ -194,8 +269,7 @@ def load_encoded(path, *, require_ivf: bool = False) -> dict:
         raise DatasetError(f"cannot read codes file {p} ({exc}); {hint}") from None
     missing = [k for k in ("codes", *SIZE_KEYS) if k not in content]
     if missing:
-        raise DatasetError(f"{p} is not a qinco2 codes file (no {', '.join(missing)}); "
-                           f"{hint}")
+        raise DatasetError(f"{p} is not a qinco2 codes file (no {', '.join(missing)}); {hint}")
     out = {k: int(content[k]) for k in SIZE_KEYS}
     out["model_sha"] = str(content["model_sha"]) if "model_sha" in content else None
     codes = content["codes"]
@@ -203,9 +277,7 @@ def load_encoded(path, *, require_ivf: bool = False) -> dict:
     if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.shape[1] != n_codes:
         raise DatasetError(f"{p}: codes of shape {codes.shape} and dtype {codes.dtype} do not "
                            f"match M={out['M']}, ivf_K={out['ivf_K']}; {hint}")
-    if require_ivf and not out["ivf_K"]:
-        raise InputError(f"the codes in {p} come from a model without IVF (ivf_K=0); train the "
-                         "model with ivf_centroids=<centroids.npy> (made by `qinco2 "
-                         "task=ivf_centroids ivf_K=... output=centroids.npy`) and encode again")
+    log.warning("%s is a codes file of an earlier version, read whole into memory; convert it once with "
+                "`python -c \"import qinco2; qinco2.convert_codes('%s', '%s')\"`", p, p, p.with_suffix(".npy"))
     out["codes"] = codes.astype(np.int32, copy=False)
     return out

@@ -3,7 +3,7 @@ per task: :func:`train_pairwise_decoder`, :func:`build_index_file`, :func:`searc
 
 Each takes arrays and file paths, checks that the files belong together (same model, same
 IVF centroids, same rows) before any long computation, and returns a result dict. Codes
-files are the ``.npz`` of :mod:`qinco2.codec.codes_io`; the training codes hold the training
+files are the ``.npy`` codes (with their ``.npy.json`` sidecar) of :mod:`qinco2.codec.codes_io`; the training codes hold the training
 rows, then the validation rows (``task=encode encode_trainset=true``).
 """
 
@@ -78,7 +78,7 @@ def load_pairwise_for(path, codec, index) -> PairwiseDecoder:
     if not Path(path).is_file():
         raise ModelFileError(f"pairwise decoder file {path} does not exist; train one with `qinco2 "
                              "task=train_pairwise_decoder ivf_centroids=<centroids.npy> "
-                             f"encoded_trainset=<train codes.npz> output={path}`")
+                             f"encoded_trainset=<train codes.npy> output={path}`")
     dec = PairwiseDecoder.load(path)
     have = (dec.M_, dec.K, len(dec.ivf_centroids_))
     want = (codec.n_codes - 1, codec.model_config.K, index.nlist)

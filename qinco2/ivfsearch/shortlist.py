@@ -40,7 +40,7 @@ FORMAT_TAG = "qinco2-index"
 FORMAT_VERSION = 1
 NBITS = 8                     # bits per step code: the factory string uses RQ{M}x8
 BUILD_HINT = ("rebuild it with `qinco2 task=build_index ivf_centroids=<centroids.npy> "
-              "encoded_trainset=<train codes.npz> encoded_db=<db codes.npz> output={path}` "
+              "encoded_trainset=<train codes.npy> encoded_db=<db codes.npy> output={path}` "
               "from codes of this model and database")
 
 
