@@ -1,6 +1,8 @@
 """The embedded synthetic data set: a SIFT-like generator and its on-disk cache.
 
 :func:`synthetic_vectors` draws the learn / base / query matrices from a seed;
+:func:`stream_synthetic` / :func:`write_synthetic` draw any number of rows of the same
+distribution block by block (the scale benchmark's files of 10^7 rows and more);
 :func:`synthetic_files` writes them once (with exact ground truth) into
 :func:`synthetic_cache_dir` and returns the file paths. The named data set built
 on these files is :func:`qinco2.datasets.make_synthetic`.
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qinco2.atomic import atomic_path
+from qinco2.errors import InputError
 from qinco2.formats import write_vectors
 
 SYNTHETIC_VERSION = 1
@@ -48,6 +52,12 @@ def synthetic_vectors(seed: int = 0) -> dict[str, np.ndarray]:
     much that the clusters alone describe the data.
     """
     rng = np.random.default_rng(seed)
+    draw = _mixture(rng)
+    return {split: draw(n, rng) for split, n in _SYNTH_ROWS.items()}
+
+
+def _mixture(rng: np.random.Generator):
+    """Draw the mixture's parameters from ``rng``; returns ``draw(n, rng)`` of ``(n, D)`` rows."""
     D, C, dof = _SYNTH_D, _SYNTH_CLUSTERS, 4.0
     weights_C = rng.lognormal(0.0, 1.0, C)
     weights_C /= weights_C.sum()
@@ -55,7 +65,7 @@ def synthetic_vectors(seed: int = 0) -> dict[str, np.ndarray]:
     rotations_CDD = np.stack([np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(C)])
     scales_CD = rng.uniform(25.0, 45.0, (C, 1)) * np.arange(1, D + 1) ** -0.4
 
-    def draw(n: int) -> np.ndarray:
+    def draw(n: int, rng: np.random.Generator) -> np.ndarray:
         labels_N = rng.choice(C, n, p=weights_C)
         z_ND = rng.standard_normal((n, D)) * np.sqrt(dof / rng.chisquare(dof, n))[:, None]
         x_ND = np.empty((n, D))
@@ -64,7 +74,36 @@ def synthetic_vectors(seed: int = 0) -> dict[str, np.ndarray]:
             x_ND[rows] = centres_CD[c] + (z_ND[rows] * scales_CD[c]) @ rotations_CDD[c].T
         return np.rint(np.clip(2.0 * x_ND, 0.0, 255.0)).astype(np.float32)
 
-    return {split: draw(n) for split, n in _SYNTH_ROWS.items()}
+    return draw
+
+
+def stream_synthetic(n: int, *, seed: int = 0, stream: int = 1, chunk_rows: int = 1 << 18):
+    """Yield ``n`` rows of the synthetic distribution (the embedded set's mixture for ``seed``)
+    as uint8 ``(<= chunk_rows, 64)`` blocks; ``stream`` picks an independent sequence of rows
+    (streams 1, 2, ...: a database and its queries); the same rows for the same ``seed``,
+    ``stream`` and ``chunk_rows``. Memory: one block."""
+    draw = _mixture(np.random.default_rng(seed))
+    rng = np.random.default_rng([seed, stream])
+    for start in range(0, n, chunk_rows):
+        yield draw(min(chunk_rows, n - start), rng).astype(np.uint8)
+
+
+def write_synthetic(path, n: int, *, seed: int = 0, stream: int = 1, chunk_rows: int = 1 << 18) -> Path:
+    """Stream ``n`` synthetic rows (uint8, D=64) to the ``.npy`` file ``path`` (written to a
+    temporary name, then renamed), block by block: files far larger than RAM."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise InputError(f"write_synthetic writes .npy files, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        out_ND = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, _SYNTH_D))
+        start = 0
+        for block in stream_synthetic(n, seed=seed, stream=stream, chunk_rows=chunk_rows):
+            out_ND[start:start + len(block)] = block
+            start += len(block)
+        out_ND.flush()
+        del out_ND
+    return path
 
 
 def synthetic_files(root: str | Path | None = None, *, seed: int = 0) -> list[Path]:

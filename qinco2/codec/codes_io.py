@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_open, atomic_path
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
+from ..rows import RowStack
 from ..validation import check_vectors
 from .code_layout import CodeLayout, PackedCodes
 from .codec import QincoCodec
@@ -71,13 +72,7 @@ def _parts(x, D: int) -> list[np.ndarray]:
 
 def _rows(parts: list[np.ndarray], start: int, stop: int) -> np.ndarray:
     """Rows ``start..stop`` of the parts laid end to end, as a float32 array."""
-    out, offset = [], 0
-    for p in parts:
-        lo, hi = max(start - offset, 0), min(stop - offset, len(p))
-        if lo < hi:
-            out.append(np.asarray(p[lo:hi], dtype=np.float32))
-        offset += len(p)
-    return np.concatenate(out) if len(out) > 1 else np.array(out[0], dtype=np.float32)
+    return np.array(RowStack(parts)[start:stop], dtype=np.float32)
 
 
 def _fingerprint(parts: list[np.ndarray], n: int, samples: int = 64) -> str:

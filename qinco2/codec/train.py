@@ -109,7 +109,7 @@ def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_
     lo, hi = workers.rank * share, min(len(x_val), (workers.rank + 1) * share)
     total, n = 0.0, 0
     for i in range(lo, hi, batch):
-        x = torch.as_tensor(np.asarray(x_val[i:min(i + batch, hi)], dtype=np.float32), device=device)
+        x = torch.from_numpy(np.array(x_val[i:min(i + batch, hi)], dtype=np.float32)).to(device)
         _, xhat = encode(model, model.normalize(x), A=A, B=B)
         total += ((model.denormalize(xhat) - x) ** 2).sum(dtype=torch.float64).item()
         n += len(x)

@@ -4,12 +4,15 @@ A vector with codes ``(i0, i1..iM)`` (IVF list, then M step codes) is decoded as
 ``c_ivf[i0] + sum_j P_j[k_{a_j} * K + k_{b_j}]`` where the columns ``k`` are the M step codes
 followed by ``levels`` sub-codes of the IVF centroid (a residual k-means of the centroids), and
 each table ``P_j`` holds ``K*K`` vectors. Training fits the tables greedily, one closed-form
-least-squares table per round, on raw-space residuals ``x - c_ivf[i0]``.
+least-squares table per round, on raw-space residuals ``x - c_ivf[i0]``. Codes and vectors are
+only read in row chunks (memory maps larger than RAM work); the residual after the tables chosen
+so far is recomputed chunk by chunk instead of being stored.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import faiss
 import numpy as np
@@ -20,7 +23,7 @@ from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..kmeans import kmeans
 from ..metrics import mse
-from ..validation import check_codes, check_vectors
+from ..validation import check_codes, check_finite, check_vectors
 from .aq import additive_decode, fit_additive_codebooks
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 FORMAT_TAG = "qinco2-pairwise"
 FORMAT_VERSION = 1
 _STATE = ("M_", "ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_", "train_mse_")
+DEFAULT_CHUNK_ROWS = 65_536        # training / measuring rows read at a time
+DEFAULT_ACCUMULATOR_BYTES = 1 << 30  # float64 per-cell sums of candidate tables held at a time
 
 
 def _nearest(x_CD: np.ndarray, centroids_KD: np.ndarray) -> np.ndarray:
@@ -61,38 +66,105 @@ def ivf_subcodes(centroids_CD: np.ndarray, weights_C: np.ndarray, levels: int, K
     return codes
 
 
-def _cell_means(code_N: torch.Tensor, t_ND: torch.Tensor, n_cells: int) -> torch.Tensor:
-    """Mean of ``t`` per cell (float64 sums); empty cells are 0."""
-    sums = torch.zeros((n_cells, t_ND.shape[1]), dtype=torch.float64).index_add_(0, code_N, t_ND)
-    counts = torch.bincount(code_N, minlength=n_cells).clamp_(min=1)
-    return sums / counts[:, None]
+def _head(a):
+    """``a`` itself if it is a numpy array (checked without reading it) or not array-like (so the
+    checkers name its type), else its first 0 rows: the type, rank, dtype and columns of an
+    object that only supports ``len``, ``.shape`` and row slices."""
+    return a if isinstance(a, np.ndarray) or not hasattr(a, "shape") else a[:0]
 
 
-def greedy_pair_tables(cols_NL: np.ndarray, t_ND: np.ndarray, K: int, J: int, eval_rows: int,
+def _columns_and_targets(codes, x, centroids_CD, subcodes_CL, lo: int, hi: int):
+    """Rows ``lo:hi`` as code columns ``(n, M + levels)`` int64 (the step codes, then the IVF
+    sub-codes) and raw residual targets ``x - c_ivf[i0]`` ``(n, D)`` float64."""
+    c = np.asarray(codes[lo:hi])
+    cols = np.concatenate([c[:, 1:], subcodes_CL[c[:, 0]]], axis=1).astype(np.int64)
+    return cols, np.asarray(x[lo:hi], dtype=np.float64) - centroids_CD[c[:, 0]]
+
+
+def _residual_chunks(rows, stop: int, chunk_rows: int, done, K: int):
+    """``(cols, t)`` torch chunks of rows ``[0, stop)`` from ``rows(lo, hi)``, ``t`` minus the
+    fitted ``done = (pairs, float32 tables)``, subtracted in order (recomputed, never stored)."""
+    for lo in range(0, stop, chunk_rows):
+        cols_nL, t_nD = rows(lo, min(lo + chunk_rows, stop))
+        cols, t = torch.from_numpy(cols_nL), torch.from_numpy(t_nD)
+        for (a, b), table in zip(*done):
+            t -= table[cols[:, a] * K + cols[:, b]].double()
+        yield cols, t
+
+
+def _fit_and_score(rows, n: int, n_eval: int, group: list, done, K: int, D: int, chunk_rows: int):
+    """For every column pair of ``group``: the table of means (float32; float64 sums, empty cells
+    0) of the residual after ``done``, fitted on all ``n`` rows, and its MSE on the first
+    ``n_eval`` rows. Returns (tables, MSEs, MSE of the residual itself on those rows)."""
+    sums = [torch.zeros((K * K, D), dtype=torch.float64) for _ in group]
+    counts = [torch.zeros(K * K, dtype=torch.int64) for _ in group]
+    for cols, t in _residual_chunks(rows, n, chunk_rows, done, K):
+        for (a, b), s, c in zip(group, sums, counts):
+            code = cols[:, a] * K + cols[:, b]
+            s.index_add_(0, code, t)
+            c += torch.bincount(code, minlength=K * K)
+    tables = []
+    for i, c in enumerate(counts):                    # free each float64 sum once its table is made
+        tables.append((sums[i] / c.clamp_(min=1)[:, None]).float())
+        sums[i] = None
+    errs, before = [0.0] * len(group), 0.0
+    for cols, t in _residual_chunks(rows, n_eval, chunk_rows, done, K):
+        before += float((t * t).sum())
+        for i, ((a, b), table) in enumerate(zip(group, tables)):
+            err = t - table[cols[:, a] * K + cols[:, b]].double()
+            errs[i] += float((err * err).sum())
+    return tables, [e / n_eval for e in errs], before / n_eval
+
+
+def greedy_pair_tables(rows, n: int, L: int, D: int, K: int, J: int, eval_rows: int, *,
+                       chunk_rows: int = DEFAULT_CHUNK_ROWS, group_size: int | None = None,
                        progress: bool = True):
     """``J`` greedy rounds: every column pair's table of means, keep the one with the lowest MSE
-    on the first ``eval_rows`` rows, subtract it from all rows. Returns (pairs, tables, mses)."""
-    cols = torch.from_numpy(cols_NL.astype(np.int64))
-    t = torch.from_numpy(np.array(t_ND, dtype=np.float64))          # residual target, updated in place
-    n_eval, L = min(eval_rows, len(t)), cols.shape[1]
+    on the first ``eval_rows`` rows, subtract it from all rows. Returns (pairs, tables, mses).
+
+    ``rows(lo, hi)`` hands out rows ``lo:hi`` of the ``n`` training rows as (code columns
+    ``(hi-lo, L)`` int64, residual targets ``(hi-lo, D)`` float64, a fresh array); it is called
+    with at most ``chunk_rows`` rows. The residual after the tables chosen so far is recomputed
+    chunk by chunk, never stored, so memory is one chunk, ``group_size`` (default: all) candidate
+    tables of float64 sums at a time (one pass over the rows per group), and the ``J`` tables.
+    """
+    n_eval = min(eval_rows, n)
     candidates = [(a, b) for a in range(L) for b in range(a + 1, L)]
+    group_size = group_size or len(candidates)
+    out = np.zeros((J, K * K, D), dtype=np.float32)
     pairs, tables, mses = [], [], []
     for j in tqdm(range(J), desc="pairwise tables", disable=not progress, leave=False):
         best = None
-        for a, b in candidates:
-            code = cols[:, a] * K + cols[:, b]
-            table = _cell_means(code, t, K * K).float()          # stored (and decoded) in float32
-            err = t[:n_eval] - table[code[:n_eval]].double()
-            err_mse = float((err * err).sum(1).mean())
-            if best is None or err_mse < best[0]:
-                best = (err_mse, a, b, table)
+        for g in range(0, len(candidates), group_size):
+            group = candidates[g:g + group_size]
+            fitted, errs, before = _fit_and_score(rows, n, n_eval, group, (pairs, tables), K, D, chunk_rows)
+            for (a, b), table, err_mse in zip(group, fitted, errs):
+                if best is None or err_mse < best[0]:
+                    best = (err_mse, a, b, table)
+            del fitted
         err_mse, a, b, table = best
-        t -= table.double()[cols[:, a] * K + cols[:, b]]
+        out[j] = table.numpy()
         pairs.append((a, b))
-        tables.append(table.numpy())
+        tables.append(torch.from_numpy(out[j]))
         mses.append(err_mse)
-        log.info("pairwise round %d/%d: columns (%d, %d), MSE %.6g", j + 1, J, a, b, err_mse)
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2), np.stack(tables), mses
+        log.info("pairwise round %d/%d: columns (%d, %d), MSE %.6g -> %.6g", j + 1, J, a, b, before, err_mse)
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2), out, mses
+
+
+def _check_x(x, D: int, n: int, dim_owner: str, chunk_rows: int, finite: bool = True) -> None:
+    """Vectors ``(n, D)`` (a numpy array, memory-mapped or not, or an object with ``len``,
+    ``.shape`` and row slices), checked for NaN/Inf ``chunk_rows`` rows at a time if ``finite``."""
+    check_vectors(_head(x), "x", D, dim_owner=dim_owner, finite=False)
+    if len(x) != n:
+        raise InputError(f"x has {len(x)} rows but the codes have {n}; pass exactly {n} rows")
+    for lo in range(0, n if finite else 0, chunk_rows):
+        check_finite(np.asarray(x[lo:lo + chunk_rows]), "x", first_row=lo)
+
+
+def _check_chunking(**sizes) -> None:
+    for name, value in sizes.items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class PairwiseDecoder:
@@ -136,78 +208,127 @@ class PairwiseDecoder:
             raise ConfigError("need at least two code columns to form pairs: M=1 needs ivf_subcode_levels >= 1")
         return J
 
-    def _check_codes(self, codes, n_ivf: int, M: int | None = None) -> np.ndarray:
-        """Codes ``(N, 1+M)``: IVF ids in ``[0, n_ivf)``, step codes in ``[0, K)``."""
-        check_codes(codes, None, "codes", columns=(2, None) if M is None else 1 + M,
+    def _check_codes(self, codes, M: int | None = None) -> tuple[int, int]:
+        """``(N, M)`` of codes ``(N, 1+M)`` (a numpy array or an object with ``len``, ``.shape``
+        and row slices) after checking their type and columns; :meth:`_code_chunks` checks the values."""
+        head = _head(codes)
+        check_codes(head, None, "codes", columns=(2, None) if M is None else 1 + M,
                     columns_are="1+M columns: the IVF id, then M step codes")
-        check_codes(codes[:, :1], n_ivf, "codes column 0 (IVF ids)", K_name="C",
-                    fix="were these codes made with these centroids?")
-        check_codes(codes[:, 1:], self.K, "codes columns 1..M (step codes)",
-                    fix="construct the decoder with the codes' K")
-        return codes
+        return len(codes), head.shape[1] - 1
+
+    def _code_chunks(self, codes, n_ivf: int, chunk_rows: int):
+        """``(lo, codes[lo:lo + chunk_rows])`` as arrays, IVF ids checked in ``[0, n_ivf)`` and step
+        codes in ``[0, K)``."""
+        for lo in range(0, len(codes), chunk_rows):
+            c = np.asarray(codes[lo:lo + chunk_rows])
+            check_codes(c[:, :1], n_ivf, "codes column 0 (IVF ids)", K_name="C",
+                        fix="were these codes made with these centroids?")
+            check_codes(c[:, 1:], self.K, "codes columns 1..M (step codes)",
+                        fix="construct the decoder with the codes' K")
+            yield lo, c
+
+    def _list_sizes(self, codes, n_ivf: int, chunk_rows: int) -> np.ndarray:
+        """Rows per IVF list (float64), every code value checked on the way."""
+        counts = np.zeros(n_ivf, dtype=np.int64)
+        for _, c in self._code_chunks(codes, n_ivf, chunk_rows):
+            counts += np.bincount(c[:, 0], minlength=n_ivf)
+        return counts.astype(np.float64)
 
     def _trained(self) -> None:
         if self.tables_ is None:
             raise NotTrainedError("this PairwiseDecoder is not trained: call train(codes, x, ivf_centroids) "
                                   "or PairwiseDecoder.load(path) first")
 
-    def _columns_and_targets(self, codes, x):
-        """Code columns ``(N, M + levels)`` and raw residual targets ``x - c_ivf[i0]`` (float64)."""
-        cols = np.concatenate([codes[:, 1:], self.ivf_subcodes_[codes[:, 0]]], axis=1).astype(np.int64)
-        t = np.asarray(x, dtype=np.float64) - self.ivf_centroids_[codes[:, 0]]
-        return cols, t
+    def _rows(self, codes, x):
+        """``rows(lo, hi)`` of :func:`greedy_pair_tables` for these codes and vectors."""
+        return partial(_columns_and_targets, codes, x, self.ivf_centroids_, self.ivf_subcodes_)
 
     # ------------------------------------------------------------------ training
-    def train(self, codes, x_ND, ivf_centroids_CD, progress: bool = True) -> "PairwiseDecoder":
-        """Fit sub-codes and pair tables on training codes ``(N, 1+M)`` of raw vectors ``x_ND``."""
+    def train(self, codes, x_ND, ivf_centroids_CD, progress: bool = True, *,
+              chunk_rows: int = DEFAULT_CHUNK_ROWS,
+              accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES) -> PairwiseDecoder:
+        """Fit sub-codes and pair tables on training codes ``(N, 1+M)`` of raw vectors ``x_ND``.
+
+        Both are read ``chunk_rows`` rows at a time (slices ``[lo:hi]`` only, so memory maps
+        larger than RAM work): memory is one chunk, about ``accumulator_bytes`` of float64
+        per-cell sums of candidate tables, and the tables. Each round makes one pass over all
+        rows per group of candidate pairs whose sums fit in ``accumulator_bytes`` (at least one
+        pair per group), then one over the first ``eval_rows`` rows; the result does not depend
+        on either size (up to float rounding).
+        """
         centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
-        codes = self._check_codes(codes, len(centroids))
-        x_ND = check_vectors(x_ND, "x", centroids.shape[1], dim_owner=f"ivf_centroids have D={centroids.shape[1]}",
-                             rows=len(codes), rows_owner=f"the codes have {len(codes)}")
-        if len(codes) == 0:
+        _check_chunking(chunk_rows=chunk_rows, accumulator_bytes=accumulator_bytes)
+        N, M = self._check_codes(codes)
+        D = centroids.shape[1]
+        _check_x(x_ND, D, N, f"ivf_centroids have D={D}", chunk_rows)
+        if N == 0:
             raise InputError("codes and x are empty; training needs at least one vector")
-        M = codes.shape[1] - 1
         J = self._check_params(M)
-        weights = np.bincount(codes[:, 0], minlength=len(centroids)).astype(np.float64)
+        weights = self._list_sizes(codes, len(centroids), chunk_rows)
         self.M_ = M
         self.ivf_centroids_ = np.ascontiguousarray(centroids, dtype=np.float32)
         self.ivf_subcodes_ = ivf_subcodes(self.ivf_centroids_, weights, self.ivf_subcode_levels,
                                           self.K, self.seed)
-        cols, t = self._columns_and_targets(codes, x_ND)
-        log.info("pairwise decoder: N=%d, M=%d, %d columns, J=%d tables of %d x %d, initial MSE %.6g",
-                 len(t), M, cols.shape[1], J, self.K ** 2, t.shape[1],
-                 float((t[:self.eval_rows] ** 2).sum(1).mean()))
+        L = M + self.ivf_subcode_levels
+        group_size = max(1, accumulator_bytes // (self.K ** 2 * (D + 1) * 8))
+        log.info("pairwise decoder: N=%d, M=%d, %d columns, J=%d tables of %d x %d, %d candidate tables per pass",
+                 N, M, L, J, self.K ** 2, D, group_size)
         self.pairs_, self.tables_, self.train_mse_ = greedy_pair_tables(
-            cols, t, self.K, J, self.eval_rows, progress)
+            self._rows(codes, x_ND), N, L, D, self.K, J, self.eval_rows, chunk_rows=chunk_rows,
+            group_size=group_size, progress=progress)
         return self
 
-    def additive_baseline_mse(self, codes, x_ND) -> float:
+    def additive_baseline_mse(self, codes, x_ND, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
         """MSE of plain additive decoding (least-squares AQ tables, :mod:`qinco2.ivfsearch.aq`) fitted on
         the same code columns and targets as this decoder; it is a lower bound for AQ on the
-        step codes alone. Fitted and measured on all the given rows."""
+        step codes alone. Fitted on the first ``eval_rows`` rows (the rows the decoder's pairs are
+        chosen on; all rows when there are fewer), measured on all rows, ``chunk_rows`` at a time."""
         self._trained()
-        codes = self._check_codes(codes, len(self.ivf_centroids_))
+        _check_chunking(chunk_rows=chunk_rows)
+        N, _ = self._check_codes(codes)
         D = self.ivf_centroids_.shape[1]
-        x_ND = check_vectors(x_ND, "x", D, dim_owner=f"the decoder was trained on D={D}",
-                             rows=len(codes), rows_owner=f"the codes have {len(codes)}")
-        cols, t = self._columns_and_targets(codes, x_ND)
-        tables = fit_additive_codebooks(cols, t, self.K)
-        return mse(t, additive_decode(cols, tables))
+        _check_x(x_ND, D, N, f"the decoder was trained on D={D}", chunk_rows)
+        self._list_sizes(codes, len(self.ivf_centroids_), chunk_rows)
+        rows, n_fit = self._rows(codes, x_ND), min(self.eval_rows, N)
+        fit = [rows(lo, min(lo + chunk_rows, n_fit)) for lo in range(0, n_fit, chunk_rows)]
+        tables = fit_additive_codebooks(np.concatenate([c for c, _ in fit]), np.concatenate([t for _, t in fit]),
+                                        self.K)
+        del fit
+        total = 0.0
+        for lo in range(0, N, chunk_rows):
+            cols, t = rows(lo, min(lo + chunk_rows, N))
+            total += mse(t, additive_decode(cols, tables)) * len(t)
+        return total / max(N, 1)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, codes, *, batch_size: int = 65_536) -> np.ndarray:
-        """Float32 raw-space vectors ``(N, D)`` from codes ``(N, 1+M)``."""
+        """Float32 raw-space vectors ``(N, D)`` from codes ``(N, 1+M)``, ``batch_size`` rows at a time."""
         self._trained()
-        codes = self._check_codes(codes, len(self.ivf_centroids_), self.M_)
-        out = np.empty((len(codes), self.ivf_centroids_.shape[1]), dtype=np.float32)
-        for i in range(0, len(codes), batch_size):
-            c = codes[i:i + batch_size]
+        _check_chunking(batch_size=batch_size)
+        N, _ = self._check_codes(codes, self.M_)
+        out = np.empty((N, self.ivf_centroids_.shape[1]), dtype=np.float32)
+        for i, c in self._code_chunks(codes, len(self.ivf_centroids_), batch_size):
             cols = np.concatenate([c[:, 1:], self.ivf_subcodes_[c[:, 0]]], axis=1).astype(np.int64)
-            acc = self.ivf_centroids_[c[:, 0]].copy()
+            acc = self.ivf_centroids_[c[:, 0]]
             for (a, b), table in zip(self.pairs_, self.tables_):
                 acc += table[cols[:, a] * self.K + cols[:, b]]
             out[i:i + len(c)] = acc
         return out
+
+    def decode_mse(self, codes, x_ND, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
+        """MSE of :meth:`decode` against the raw vectors ``x_ND``, ``chunk_rows`` rows at a time
+        (no ``(N, D)`` array is made)."""
+        self._trained()
+        _check_chunking(chunk_rows=chunk_rows)
+        N, _ = self._check_codes(codes, self.M_)
+        D = self.ivf_centroids_.shape[1]
+        _check_x(x_ND, D, N, f"the decoder was trained on D={D}", chunk_rows, finite=False)
+        total = 0.0
+        for lo in range(0, N, chunk_rows):
+            x_nD = np.asarray(x_ND[lo:lo + chunk_rows])
+            check_finite(x_nD, "x", first_row=lo)
+            total += mse(x_nD, self.decode(codes[lo:lo + chunk_rows])) * len(x_nD)
+        return total / max(N, 1)
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
@@ -220,7 +341,7 @@ class PairwiseDecoder:
                            "params": self.get_params(), "state": state}, path)
 
     @classmethod
-    def load(cls, path) -> "PairwiseDecoder":
+    def load(cls, path) -> PairwiseDecoder:
         """Read a file written by :meth:`save` (``weights_only`` loading, format checked)."""
         payload = load_tagged(path, FORMAT_TAG, FORMAT_VERSION, "pairwise decoder",
                               "train one with `qinco2 task=train_pairwise_decoder ... output=PATH`")

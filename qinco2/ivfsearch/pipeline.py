@@ -3,8 +3,9 @@ per task: :func:`train_pairwise_decoder`, :func:`build_index_file`, :func:`searc
 
 Each takes arrays and file paths, checks that the files belong together (same model, same
 IVF centroids, same rows) before any long computation, and returns a result dict. Codes
-files are the ``.npy`` codes (with their ``.npy.json`` sidecar) of :mod:`qinco2.codec.codes_io`; the training codes hold the training
-rows, then the validation rows (``task=encode encode_trainset=true``).
+files are the packed ``.npy`` codes (with their ``.npy.json`` sidecar) of
+:mod:`qinco2.codec.codes_io`, memory-mapped; the training codes hold the training rows, then
+the validation rows (``task=encode encode_trainset=true``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..codec.codes_io import SIZE_KEYS, load_encoded, model_sha
 from ..errors import ConfigError, DatasetError, InputError, ModelFileError
 from ..formats import read_vectors
 from ..ivf import check_centroids
-from ..metrics import mse
+from ..rows import RowStack
 from .multistage import load_runs, pareto_front, plot_pareto, sweep
 from .pairwise import PairwiseDecoder
 from .shortlist import build_index, factory_string, load_index, save_index
@@ -48,7 +49,8 @@ def load_ivf_centroids(path, codes: dict, codes_path) -> np.ndarray:
 
 def training_rows(x_train, x_val, codes: dict, codes_path, n: int | None = None) -> np.ndarray:
     """The first ``n`` (default all) raw rows of the training split, in the order of the codes
-    file (training rows, then validation rows), after checking both have the same rows."""
+    file (training rows, then validation rows), after checking both have the same rows: an
+    array, or a :class:`~qinco2.rows.RowStack` of both parts (read by row slices)."""
     n_raw, n_codes = len(x_train) + len(x_val), len(codes["codes"])
     if n_raw != n_codes:
         raise DatasetError(f"{codes_path} holds {n_codes} encoded rows but the training split has "
@@ -60,7 +62,7 @@ def training_rows(x_train, x_val, codes: dict, codes_path, n: int | None = None)
     n = n_raw if n is None else min(n, n_raw)
     if n <= len(x_train):
         return x_train[:n]
-    return np.concatenate([x_train, x_val[:n - len(x_train)]])
+    return RowStack([x_train, x_val[:n - len(x_train)]])      # read by row slices, never copied whole
 
 
 def check_same_model(a: dict, a_path, b: dict, b_path) -> None:
@@ -104,7 +106,7 @@ def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, outp
     dec.save(output)
     return {"output": str(output), "n_train": len(codes), "M": enc["M"], "K": enc["K"],
             "ivf_K": enc["ivf_K"], "n_tables": len(dec.pairs_), "model_sha": enc["model_sha"],
-            "mse_scale": mse_scale, "mse": mse(x_ND, dec.decode(codes), mse_scale),
+            "mse_scale": mse_scale, "mse": dec.decode_mse(codes, x_ND) * mse_scale,
             "additive_mse": dec.additive_baseline_mse(codes, x_ND) * mse_scale}
 
 
