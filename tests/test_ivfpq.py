@@ -5,6 +5,7 @@ save/load, refinement and memory estimates."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tracemalloc
 
 import faiss
@@ -64,10 +65,10 @@ def test_default_pq_dim_follows_cuvs(dim, expected):
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(pq_bits=3), "pq_bits"), (dict(pq_bits=9), "pq_bits"),
-    (dict(pq_dim=5, pq_bits=5), "multiple of 8"), (dict(metric="l1"), "metric"),
-    (dict(codebook_kind="per_subspace"), "codebook_kind"), (dict(pq_dim=17), "pq_dim"),
-    (dict(kmeans_trainset_fraction=0), "kmeans_trainset_fraction"),
+    ({"pq_bits": 3}, "pq_bits"), ({"pq_bits": 9}, "pq_bits"),
+    ({"pq_dim": 5, "pq_bits": 5}, "multiple of 8"), ({"metric": "l1"}, "metric"),
+    ({"codebook_kind": "per_subspace"}, "codebook_kind"), ({"pq_dim": 17}, "pq_dim"),
+    ({"kmeans_trainset_fraction": 0}, "kmeans_trainset_fraction"),
 ])
 def test_bad_build_parameters_are_named(data, change, words, monkeypatch):
     monkeypatch.setattr("qinco2.ivfpq.builder.kmeans", lambda *a, **k: pytest.fail("work started"))
@@ -140,8 +141,8 @@ def test_recall_never_drops_as_n_probes_grows(data, index):
         dist, ids = ivfpq.search(SearchParams(n_probes=n_probes), index, q, 10)
         recalls.append(recall(ids, gt))
         kth.append(dist[:, -1])
-    assert all(b >= a for a, b in zip(recalls, recalls[1:])), recalls
-    for a, b in zip(kth, kth[1:]):            # more candidates: each k-th distance can only shrink
+    assert all(b >= a for a, b in itertools.pairwise(recalls)), recalls
+    for a, b in itertools.pairwise(kth):      # more candidates: each k-th distance can only shrink
         assert (b <= a + 1e-4).all()
 
 
@@ -311,7 +312,7 @@ def test_conservative_build_rewrites_the_lists_once_not_per_chunk(monkeypatch):
     """A conservative index loaded in many chunks: the rows rewritten by list relayouts stay
     O(N) (they were the sum of the sizes after every chunk, O(N^2 / chunk)), and every list
     still ends at its exact size."""
-    import qinco2.ivfpq.builder as builder
+    from qinco2.ivfpq import builder
     from qinco2.ivfpq.lists import InvertedLists
 
     rewritten = []

@@ -17,5 +17,5 @@ from .memory import estimate_memory
 from .params import IndexParams, SearchParams, default_pq_dim
 from .scan import search, search_and_refine
 
-__all__ = ["IndexParams", "SearchParams", "Index", "build", "extend", "search", "search_and_refine",
-           "save", "load", "refine", "refine_with_codec", "estimate_memory", "default_pq_dim"]
+__all__ = ["Index", "IndexParams", "SearchParams", "build", "default_pq_dim", "estimate_memory", "extend", "load",
+           "refine", "refine_with_codec", "save", "search", "search_and_refine"]

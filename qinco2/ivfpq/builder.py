@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import InputError
-from ..kmeans import kmeans, progress_bar
+from ..kmeans import _distinct_rows, kmeans, progress_bar
 from .index import CHUNK_ROWS, Index, check_vectors, float_rows
 from .params import IndexParams
 
 log = logging.getLogger(__name__)
 
 FORMAT_TAG, FORMAT_VERSION = "qinco2-ivfpq", 1
+SAMPLE_DTYPE_COSINE = np.float16      # the normalised k-means sample of a cosine index
 
 
 def _device(device) -> torch.device:
@@ -31,35 +32,95 @@ def random_rotation(dim: int, rot_dim: int, generator: torch.Generator) -> torch
     return q[:, :dim].float()
 
 
-def _train_rows(n: int, fraction: float, n_lists: int, gen: torch.Generator) -> np.ndarray:
-    n_train = min(n, max(n_lists, int(round(n * fraction))))
-    return np.sort(torch.randperm(n, generator=gen)[:n_train].numpy())
+def _sample(dataset: np.ndarray, fraction: float, n_lists: int, gen: torch.Generator) -> np.ndarray:
+    """The k-means training rows: every ``ratio``-th row from a random offset, with cuVS's
+    ``ratio = N // max(fraction * N, n_lists)`` (``N // ratio`` rows); a view of ``dataset`` (a
+    memory map stays one), nothing is read or copied. A systematic sample: as good as a random
+    one unless the rows repeat a pattern every ``ratio`` rows (shuffle such data first)."""
+    N = len(dataset)
+    ratio = max(1, N // max(int(fraction * N), n_lists))
+    offset = int(torch.randint(ratio, (1,), generator=gen))
+    return dataset[offset::ratio][:N // ratio]
 
 
-def _train_codebooks(index: Index, x_ND: torch.Tensor, gen: torch.Generator, progress: bool) -> torch.Tensor:
-    """PQ codebooks fitted on the rotated residuals of the training rows."""
+def _normalized(sample: np.ndarray) -> np.ndarray:
+    """Cosine: the sample normalised for k-means, written ``CHUNK_ROWS`` rows at a time into a
+    float16 array (half a float32 copy; unit vectors lose nothing that matters to k-means)."""
+    out = np.empty(sample.shape, dtype=SAMPLE_DTYPE_COSINE)
+    for i in range(0, len(sample), CHUNK_ROWS):
+        out[i:i + CHUNK_ROWS] = float_rows(sample[i:i + CHUNK_ROWS], "cpu", True).numpy()
+    return out
+
+
+def _sample_ids(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``min(n, m)`` distinct random ids in ``[0, n)``, without an ``(n,)`` permutation when ``n``
+    is large."""
+    return torch.randperm(n, generator=gen)[:m] if 2 * m > n else _distinct_rows(n, m, gen)
+
+
+def _residuals(index: Index, sample: np.ndarray, rows_u: torch.Tensor, list_no: int | None = None):
+    """Rotated residuals ``(u, pq_dim, pq_len)`` of the sample rows ``rows_u`` (increasing),
+    read and converted ``CHUNK_ROWS`` rows at a time; to the centre ``list_no``, or (None) to
+    each row's own list."""
+    S, L, normalize = index.pq_dim, index.pq_len, index.metric == "cosine"
+    r_uSL = torch.empty(len(rows_u), S, L, device=index.device)
+    for i in range(0, len(rows_u), CHUNK_ROWS):
+        x_ND = float_rows(sample[rows_u[i:i + CHUNK_ROWS].numpy()], index.device, normalize)
+        lists = index.assign(x_ND) if list_no is None else list_no
+        r_uSL[i:i + len(x_ND)] = (index.rotate(x_ND) - index.centers_rot[lists]).view(len(x_ND), S, L)
+    return r_uSL
+
+
+def _subspace_books(index: Index, sample: np.ndarray, gen: torch.Generator, progress: bool) -> torch.Tensor:
+    """One codebook per sub-space, trained on the residuals of at most ``2^pq_bits *
+    max_train_points_per_pq_code`` random sample rows (only those rows are read)."""
     p, K = index.params, index.pq_book_size
-    list_nos = index.assign(x_ND)
-    r_NSL = (index.rotate(x_ND) - index.centers_rot[list_nos]).view(len(x_ND), index.pq_dim, index.pq_len)
+    rows_u, inv_n = torch.unique(_sample_ids(len(sample), K * p.max_train_points_per_pq_code, gen),
+                                 return_inverse=True)
+    r_nSL = _residuals(index, sample, rows_u)[inv_n.to(index.device)]
+    with progress_bar(p.kmeans_n_iters, "PQ codebooks", progress) as bar:
+        return kmeans(r_nSL.transpose(0, 1).contiguous(), K, niter=p.kmeans_n_iters, seed=gen, progress=bar)
+
+
+def _sample_lists(index: Index, sample: np.ndarray) -> list[torch.Tensor]:
+    """The sample rows of each list (increasing): the sample is assigned ``CHUNK_ROWS`` rows at
+    a time, then grouped by list once (one sort of the labels)."""
+    normalize = index.metric == "cosine"
+    labels_N = torch.cat([index.assign(float_rows(sample[i:i + CHUNK_ROWS], index.device, normalize)).int().cpu()
+                          for i in range(0, len(sample), CHUNK_ROWS)])
+    order_N = torch.argsort(labels_N, stable=True)
+    return list(torch.split(order_N, torch.bincount(labels_N, minlength=index.n_lists).tolist()))
+
+
+def _cluster_books(index: Index, sample: np.ndarray, gen: torch.Generator, progress: bool) -> torch.Tensor:
+    """One codebook per list, shared by its sub-spaces, trained on at most ``2^pq_bits *
+    max_train_points_per_pq_code`` random sub-vectors of the list's residuals (only the rows
+    holding them are read); an empty list draws them from the whole sample."""
+    p, K, S = index.params, index.pq_book_size, index.pq_dim
     cap = K * p.max_train_points_per_pq_code
-    niter = p.kmeans_n_iters
-    if p.codebook_kind == "subspace":
-        rows = torch.randperm(len(x_ND), generator=gen)[:cap].to(x_ND.device)
-        with progress_bar(niter, "PQ codebooks", progress) as bar:
-            return kmeans(r_NSL[rows].transpose(0, 1).contiguous(), K, niter=niter, seed=gen, progress=bar)
-    books = torch.empty(index.n_lists, K, index.pq_len, device=x_ND.device)
+    books = torch.empty(index.n_lists, K, index.pq_len, device=index.device)
+    rows_of = _sample_lists(index, sample)
     for l in tqdm(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
-        sub_NL = r_NSL[list_nos == l].reshape(-1, index.pq_len)
-        if len(sub_NL) == 0:                  # an empty list: codebook of its centre's neighbourhood
-            sub_NL = r_NSL.reshape(-1, index.pq_len)
-        sub_NL = sub_NL[torch.randperm(len(sub_NL), generator=gen)[:cap].to(x_ND.device)]
-        books[l] = kmeans(sub_NL, K, niter=niter, seed=gen)
+        rows_l = rows_of[l] if len(rows_of[l]) else None        # None: the whole sample
+        n_l = len(sample) if rows_l is None else len(rows_l)
+        ids = _sample_ids(n_l * S, cap, gen)                     # sub-vector = row * S + sub-space
+        rows = ids // S if rows_l is None else rows_l[ids // S]
+        rows_u, inv = torch.unique(rows, return_inverse=True)
+        r_uSL = _residuals(index, sample, rows_u, None if rows_l is None else l)
+        books[l] = kmeans(r_uSL[inv.to(index.device), (ids % S).to(index.device)], K, niter=p.kmeans_n_iters,
+                          seed=gen)
     return books
 
 
 def build(params: IndexParams, dataset, *, device=None, progress: bool = False) -> Index:
     """Train an index on ``dataset`` ``(N, dim)`` (float32/float16/int8/uint8 numpy, may be
-    memory-mapped) and, with ``params.add_data_on_build``, add it with ids ``0..N-1``."""
+    memory-mapped) and, with ``params.add_data_on_build``, add it with ids ``0..N-1``.
+
+    Memory: the k-means sample is a strided view of ``dataset`` that k-means reads and
+    converts block by block (cosine: one float16 normalised copy); PQ codebooks read only
+    the rows they train on; nothing holds a float32 copy of more than ``CHUNK_ROWS`` rows of
+    ``dataset`` besides the at most ``2^pq_bits * max_train_points_per_pq_code`` residuals of
+    a codebook's training set."""
     dataset = check_vectors(dataset, "dataset")
     N, dim = dataset.shape
     params = params.validated(dim)
@@ -68,12 +129,13 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
                          f"{N} lists (about sqrt(N) = {max(1, int(N ** 0.5))} is a good start)")
     device = _device(device)
     gen = torch.Generator().manual_seed(params.seed)
-    normalize = params.metric == "cosine"
-    rows = _train_rows(N, params.kmeans_trainset_fraction, params.n_lists, gen)
-    x_train = float_rows(dataset[rows], device, normalize)
-    log.info("IVF-PQ build: k-means of %d of %d vectors into %d lists", len(rows), N, params.n_lists)
+    sample = _sample(dataset, params.kmeans_trainset_fraction, params.n_lists, gen)
+    points = _normalized(sample) if params.metric == "cosine" else sample
+    log.info("IVF-PQ build: k-means of %d of %d vectors into %d lists", len(sample), N, params.n_lists)
     with progress_bar(params.kmeans_n_iters, "IVF k-means", progress) as bar:
-        centers = kmeans(x_train, params.n_lists, niter=params.kmeans_n_iters, seed=gen, progress=bar)
+        centers = kmeans(points, params.n_lists, niter=params.kmeans_n_iters, seed=gen, device=device,
+                         progress=bar)
+    del points
     rot_dim = params.pq_dim * -(-dim // params.pq_dim)
     if rot_dim != dim or params.force_random_rotation:
         rotation = random_rotation(dim, rot_dim, gen)
@@ -81,9 +143,9 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
         rotation = torch.eye(dim)
     book_shape = ((params.pq_dim if params.codebook_kind == "subspace" else params.n_lists),
                   1 << params.pq_bits, rot_dim // params.pq_dim)
-    index = Index(params, dim, centers, rotation, torch.zeros(book_shape), device)
-    index.pq_centers = _train_codebooks(index, x_train, gen, progress)
-    del x_train
+    index = Index(params, dim, torch.from_numpy(centers), rotation, torch.zeros(book_shape), device)
+    train_books = _subspace_books if params.codebook_kind == "subspace" else _cluster_books
+    index.pq_centers = train_books(index, sample, gen, progress)
     if params.add_data_on_build:
         extend(index, dataset, np.arange(N, dtype=np.int64), progress=progress)
         if not params.conservative_memory_allocation:

@@ -4,24 +4,46 @@ All figures in bytes. ``index_bytes`` adds to the documented formula the rotatio
 (``4 * rot_dim * dim``), which the documentation leaves out; :meth:`Index.nbytes` gives the
 real size of a built index to compare with (with ``conservative_memory_allocation=True``
 lists hold exactly their vectors; otherwise list capacities round up to powers of two).
+``search_workspace_bytes`` is the search's own working memory, at most ``workspace_bytes``
+whatever the list sizes (:mod:`qinco2.ivfpq.scan`); ``build_peak_bytes`` the training's
+working memory, which no longer grows with a float32 copy of the k-means sample
+(:mod:`qinco2.ivfpq.builder`).
 """
 
 from __future__ import annotations
 
+from ..kmeans import KMEANS_MAX_BYTES
+from .index import CHUNK_ROWS, WORK_BYTES
 from .params import IndexParams, SearchParams
-from .scan import DEFAULT_WORKSPACE_BYTES
+from .scan import DEFAULT_WORKSPACE_BYTES, search_workspace_bytes
 
 IDX_BYTES = 8          # int64 ids
 FLOAT_BYTES = 4
 
 
-def estimate_memory(n_vectors: int, dim: int, params: IndexParams = IndexParams(), *, n_queries: int = 1,
-                    k: int = 10, input_itemsize: int = 4, search_params: SearchParams = SearchParams(),
+def _build_peak(n_vectors: int, dim: int, p: IndexParams, rot_dim: int, input_itemsize: int) -> int:
+    """Training working set: the sample's normalised float16 copy (cosine only), one k-means
+    block, the int32 labels and their sort (cluster codebooks), a codebook's training residuals,
+    one chunk of converted rows with its assignment temporaries, and the centroids."""
+    ratio = max(1, n_vectors // max(int(p.kmeans_trainset_fraction * n_vectors), p.n_lists))
+    n_train = n_vectors // ratio
+    cap = min(n_train, (1 << p.pq_bits) * p.max_train_points_per_pq_code)
+    cosine_copy = n_train * dim * 2 if p.metric == "cosine" else 0
+    kmeans_block = min(KMEANS_MAX_BYTES, n_train * FLOAT_BYTES * (5 * dim + 6))
+    labels = n_train * (4 + IDX_BYTES) if p.codebook_kind == "cluster" else 0
+    residuals = 2 * cap * rot_dim * FLOAT_BYTES
+    chunk = min(CHUNK_ROWS, n_vectors) * dim * (input_itemsize + 2 * FLOAT_BYTES) + WORK_BYTES
+    return cosine_copy + kmeans_block + labels + residuals + chunk + p.n_lists * dim * FLOAT_BYTES
+
+
+def estimate_memory(n_vectors: int, dim: int, params: IndexParams | None = None, *, n_queries: int = 1,
+                    k: int = 10, input_itemsize: int = 4, search_params: SearchParams | None = None,
                     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> dict:
-    """Index, host (refinement), search-peak and build-peak bytes for ``n_vectors`` vectors
-    of dimension ``dim`` (raw vectors of ``input_itemsize`` bytes per value), with the parts
-    of the index under ``index_parts``."""
-    p = params.validated(dim)
+    """Index, host (refinement), search-workspace, search-peak and build-peak bytes for
+    ``n_vectors`` vectors of dimension ``dim`` (raw vectors of ``input_itemsize`` bytes per
+    value; default ``IndexParams()`` and ``SearchParams()``), with the parts of the index under
+    ``index_parts``."""
+    p = (params or IndexParams()).validated(dim)
     C, K = p.n_lists, 1 << p.pq_bits
     rot_dim = p.pq_dim * -(-dim // p.pq_dim)
     pq_len = rot_dim // p.pq_dim
@@ -35,14 +57,15 @@ def estimate_memory(n_vectors: int, dim: int, params: IndexParams = IndexParams(
         "rotation_matrix": FLOAT_BYTES * rot_dim * dim,
     }
     index = sum(parts.values())
-    n_train = int(n_vectors * p.kmeans_trainset_fraction)
-    per_query_lut = min(search_params.n_probes, C) * p.pq_dim * K * FLOAT_BYTES
-    workspace = min(workspace_bytes, max(n_queries, 1) * (per_query_lut + k * 12))
+    workspace = search_workspace_bytes(search_params or SearchParams(), k, n_queries=n_queries, n_lists=C,
+                                       pq_dim=p.pq_dim, pq_bits=p.pq_bits, rot_dim=rot_dim,
+                                       list_rows=-(-n_vectors // C), workspace_bytes=workspace_bytes)
     return {
         "index_bytes": index,
         "index_parts": parts,
         "host_refinement_bytes": n_vectors * dim * input_itemsize,
+        "search_workspace_bytes": workspace,
         "search_peak_bytes": index + n_queries * dim * FLOAT_BYTES + n_queries * k * (IDX_BYTES + FLOAT_BYTES)
         + workspace,
-        "build_peak_bytes": n_train * dim * FLOAT_BYTES + n_train * 4 + C * dim * FLOAT_BYTES,
+        "build_peak_bytes": _build_peak(n_vectors, dim, p, rot_dim, input_itemsize),
     }

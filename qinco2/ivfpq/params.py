@@ -18,7 +18,12 @@ DISTANCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class IndexParams:
-    """Build-time parameters (names and defaults of cuVS ``ivf_pq.IndexParams``)."""
+    """Build-time parameters (names and defaults of cuVS ``ivf_pq.IndexParams``).
+
+    ``kmeans_trainset_fraction``: the coarse k-means trains on every ``ratio``-th vector,
+    ``ratio = N // max(kmeans_trainset_fraction * N, n_lists)`` (cuVS's sampling), read from
+    the dataset block by block.
+    """
 
     n_lists: int = 1024
     metric: str = "sqeuclidean"
@@ -33,7 +38,7 @@ class IndexParams:
     max_train_points_per_pq_code: int = 256
     seed: int = 0
 
-    def validated(self, dim: int) -> "IndexParams":
+    def validated(self, dim: int) -> IndexParams:
         """These parameters with ``pq_dim`` resolved for data of dimension ``dim``, or ConfigError."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -72,7 +77,7 @@ class SearchParams:
     internal_distance_dtype: str = "float32"
     preferred_smem_carveout: float = 1.0
 
-    def validated(self) -> "SearchParams":
+    def validated(self) -> SearchParams:
         if not isinstance(self.n_probes, (int, np.integer)) or self.n_probes < 1:
             raise ConfigError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
         if self.lut_dtype not in LUT_DTYPES:

@@ -5,7 +5,11 @@ With float32 tables the sum of a code's table entries equals a dot product of th
 with the decoded code, so lists are scored by matrix products with their decoded codes;
 reduced-precision tables (``lut_dtype``, ``internal_distance_dtype``) are built and summed in
 the requested types. Every stage is a torch operation, the same code on CPU and CUDA.
-Queries go in batches whose workspace stays under ``workspace_bytes``.
+
+Memory: the search workspace stays under ``workspace_bytes`` whatever the list sizes. Queries
+go in batches whose buffers (coarse scores, tables, top-k per probe) take at most half of it;
+the probed lists are scanned in chunks (runs of small lists, pieces of a large one) whose
+temporaries (unpacked and decoded rows, scores or gathered table entries) take the rest.
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bit float entries
 FP16_SUM_MAX = 60_000.0                                  # below float16's largest finite 65504
-BLOCK_ROWS = 2048    # vectors decoded at a time: temporaries small enough for malloc to reuse
 GROUP_COST = 6e6      # fixed cost of one list group's operations, in multiply-adds (tuned on 2 CPU threads)
 
 
-def _table_scores(index: Index, p: SearchParams, q_rot, pair_const, l: int, codes_nS: torch.Tensor):
-    """Scores ``(nq, n)`` from look-up tables ``(nq, S, K)`` stored in ``p.lut_dtype`` and
-    summed in ``p.internal_distance_dtype`` (the reduced-precision modes)."""
+def _tables(index: Index, p: SearchParams, q_rot, pair_const, l: int):
+    """Look-up tables ``(nq, S, K)`` of the (query, list ``l``) pairs, stored in ``p.lut_dtype``,
+    with the scale and constants of their sums (:func:`_quantized`)."""
     nq, S, L = len(q_rot), index.pq_dim, index.pq_len
     books = index.pq_centers if index.params.codebook_kind == "subspace" else index.pq_centers[l].expand(S, -1, -1)
     if index.metric == "sqeuclidean":
@@ -38,8 +41,14 @@ def _table_scores(index: Index, p: SearchParams, q_rot, pair_const, l: int, code
     else:
         lut = -torch.bmm(q_rot.reshape(nq, S, L).transpose(0, 1), books.transpose(1, 2)).transpose(0, 1)
         const = pair_const                             # -<q, c>
-    lut, scale, const = _quantized(lut, const, p)
-    index_nq = codes_nS.T[None].expand(nq, -1, -1)
+    return _quantized(lut, const, p)
+
+
+def _table_scores(p: SearchParams, tables, codes_nS: torch.Tensor):
+    """Scores ``(nq, n)`` of ``n`` codes from :func:`_tables`, summed in
+    ``p.internal_distance_dtype`` (the reduced-precision modes)."""
+    lut, scale, const = tables
+    index_nq = codes_nS.T[None].expand(len(lut), -1, -1)
     if lut.dtype == LUT8_DTYPE:                        # gather the bytes of the 8-bit floats
         vals = torch.gather(lut.view(torch.uint8), 2, index_nq).view(LUT8_DTYPE)       # (nq, S, n)
     else:
@@ -72,18 +81,58 @@ def _quantized(lut: torch.Tensor, const: torch.Tensor, p: SearchParams):
     return ((lut - low) / scale[:, None, None]).to(stored), scale, const + low.sum((-1, -2))
 
 
-def _probed_rows(index: Index, lists_U: torch.Tensor):
-    """Buffer rows of the probed lists, list after list, and where each list starts there."""
-    size_U = index.lists.size[lists_U]
-    first_U = torch.cumsum(size_U, 0) - size_U
-    rows = torch.repeat_interleave(index.lists.start[lists_U] - first_U, size_U) + torch.arange(int(size_U.sum()))
-    return rows.to(index.device), first_U.tolist(), size_U.tolist()
+def _query_bytes(P: int, k: int, S: int, K: int, R: int, C: int, exact: bool) -> int:
+    """Workspace of one query of a batch: its coarse scores over the ``C`` lists, the bookkeeping
+    and top-``k`` buffers of its ``P`` (query, list) pairs (kept, reordered, merged), its rotated
+    copy and, for reduced-precision tables, its look-up tables (built, shifted, quantized)."""
+    return C * 8 + P * (40 + 24 * k) + R * 8 + (0 if exact else S * K * 12)
 
 
-def _blocks(lists_U: torch.Tensor, size_U: torch.Tensor, rows: int = BLOCK_ROWS):
-    """Runs of consecutive probed lists holding about ``rows`` vectors (at least one list)."""
-    block_of = torch.div(torch.cumsum(size_U, 0) - size_U, rows, rounding_mode="floor")
-    return [lists_U[block_of == b] for b in torch.unique_consecutive(block_of).tolist()]
+def _row_bytes(S: int, R: int, code_bytes: int, exact: bool) -> int:
+    """Temporaries of one scanned row whatever the queries: its buffer row, id and list,
+    packed and unpacked codes (with the unpacking's int64 temporaries) and, for float32 tables,
+    its decoded residual and the temporaries of its row term."""
+    return 32 + code_bytes + 48 * S + (16 * R if exact else 0)
+
+
+def _pair_row_bytes(S: int, p: SearchParams) -> int:
+    """Temporaries of one (query, row) score: with float32 tables the score and its mask; else
+    the ``S`` gathered table entries (``lut_dtype``), their copy in ``internal_distance_dtype``
+    and the sums."""
+    if _exact(p):
+        return 8
+    lut = 1 if p.lut_dtype == "uint8" else LUT_DTYPES[p.lut_dtype].itemsize
+    return S * (lut + DISTANCE_DTYPES[p.internal_distance_dtype].itemsize) + 16
+
+
+def _exact(p: SearchParams) -> bool:
+    return p.lut_dtype == "float32" and p.internal_distance_dtype == "float32"
+
+
+def _chunks(size_U: list[int], pairs_U: list[int], target: float, row_bytes: int, pair_row_bytes: int,
+            budget: int) -> list[tuple[int, int, int, int]]:
+    """How to scan the probed lists (``size_U`` rows and ``pairs_U`` (query, list) pairs each):
+    chunks ``(u0, u1, a, b)`` = lists ``u0 .. u1 - 1``, rows ``a .. b`` of the probed rows (list
+    after list). A chunk is a run of whole lists of about ``target`` rows, or a piece of one
+    list; its temporaries, ``rows * (row_bytes + pairs * pair_row_bytes)``, stay under
+    ``budget`` (a chunk holds at least one row)."""
+    out, u0, a0, rows, pairs = [], 0, 0, 0, 0
+    for u, (n, m) in enumerate(zip(size_U, pairs_U)):
+        if rows and (rows + n) * (row_bytes + (pairs + m) * pair_row_bytes) > budget:
+            out.append((u0, u, a0, a0 + rows))             # the run without list u
+            u0, a0, rows, pairs = u, a0 + rows, 0, 0
+        piece = max(1, budget // (row_bytes + m * pair_row_bytes))
+        if n > piece:                                        # too large alone: pieces of the list
+            out += [(u, u + 1, a0 + i, a0 + min(i + piece, n)) for i in range(0, n, piece)]
+            u0, a0 = u + 1, a0 + n
+            continue
+        rows, pairs = rows + n, pairs + m
+        if rows >= target:
+            out.append((u0, u + 1, a0, a0 + rows))
+            u0, a0, rows, pairs = u + 1, a0 + rows, 0, 0
+    if rows:
+        out.append((u0, len(size_U), a0, a0 + rows))
+    return out
 
 
 def _row_terms(index: Index, r_nR: torch.Tensor, lists_n: torch.Tensor) -> torch.Tensor:
@@ -95,82 +144,118 @@ def _row_terms(index: Index, r_nR: torch.Tensor, lists_n: torch.Tensor) -> torch
     return ((r_nR + 2 * index.centers_rot[lists_n]) * r_nR).sum(1)
 
 
-def _groups(sizes: list[int], target_rows: float) -> list[tuple[int, int]]:
-    """Runs ``(first, stop)`` of consecutive lists holding about ``target_rows`` vectors."""
-    out, start, rows = [], 0, 0
-    for i, n in enumerate(sizes):
-        rows += n
-        if rows >= target_rows:
-            out.append((start, i + 1))
-            start, rows = i + 1, 0
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
+class _Probes:
+    """The (query, list) pairs of a batch, grouped by list: for each pair (in list order) its
+    query, its list and its score constant (``|q - c|^2``, or ``-<q, c>``); per list its number
+    of pairs and its first pair; the probed non-empty lists ``lists_U`` and where their rows
+    start in the probed order."""
+
+    def __init__(self, index: Index, p: SearchParams, q_QD: torch.Tensor):
+        self.P = P = min(p.n_probes, index.n_lists)
+        coarse = index.coarse_scores(q_QD).topk(P, dim=1, largest=False)
+        probe = coarse.indices.reshape(-1)                                # pair = query * P + rank
+        const = coarse.values                                             # -<q, c> for inner products
+        if index.metric == "sqeuclidean":
+            const = const + (q_QD * q_QD).sum(1, keepdim=True)           # |q - c|^2
+        self.order = torch.argsort(probe, stable=True)                    # pairs grouped by list
+        self.query_of, self.list_of = self.order // P, probe[self.order]
+        self.const = const.reshape(-1)[self.order]
+        self.counts = torch.bincount(probe, minlength=index.n_lists).cpu()
+        self.first = (torch.cumsum(self.counts, 0) - self.counts).tolist()
+        self.lists_U = torch.nonzero((self.counts > 0) & (index.lists.size > 0))[:, 0]
+        size_U = index.lists.size[self.lists_U]
+        self.first_U = torch.cumsum(size_U, 0) - size_U
+
+    def pairs(self, lists: torch.Tensor) -> slice:
+        """The pairs of a run of probed lists."""
+        l0, l1 = int(lists[0]), int(lists[-1])
+        return slice(self.first[l0], self.first[l1] + int(self.counts[l1]))
 
 
-def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int):
+def _chunk_rows(index: Index, pr: _Probes, u0: int, u1: int, a: int, b: int):
+    """Buffer rows and list numbers of the probed rows ``a .. b`` (of lists ``u0 .. u1 - 1``)."""
+    lists, first = pr.lists_U[u0:u1], pr.first_U[u0:u1]
+    n_in = (torch.clamp(first + index.lists.size[lists], max=b) - torch.clamp(first, min=a))
+    rows = torch.repeat_interleave(index.lists.start[lists] - first, n_in) + torch.arange(a, b)
+    return rows.to(index.device), torch.repeat_interleave(lists, n_in).to(index.device)
+
+
+def _scan_chunk(index: Index, p: SearchParams, q_rot: torch.Tensor, pr: _Probes, chunk, k: int, tables=None):
+    """The pairs of a chunk, their top-``k`` scores and ids among the chunk's rows, and the
+    look-up tables used (reduced precision: ``tables`` are those of the list's earlier pieces)."""
+    u0, u1, a, b = chunk
+    rows, lists_n = _chunk_rows(index, pr, *chunk)
+    codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
+    sel = pr.pairs(pr.lists_U[u0:u1])
+    if _exact(p):
+        r = index.residuals(codes, lists_n)
+        alpha = -2.0 if index.metric == "sqeuclidean" else -1.0
+        scores = torch.addmm(_row_terms(index, r, lists_n)[None], q_rot[pr.query_of[sel]], r.T, alpha=alpha)
+        if u1 - u0 > 1:                      # a query is scored only on its own list's rows
+            scores.masked_fill_(lists_n[None] != pr.list_of[sel][:, None], float("inf"))
+        scores += pr.const[sel][:, None]
+    else:
+        if tables is None:
+            tables = _tables(index, p, q_rot[pr.query_of[sel]], pr.const[sel], int(pr.lists_U[u0]))
+        scores = _table_scores(p, tables, codes)
+    top = torch.topk(scores, min(k, b - a), dim=1, largest=False)
+    return sel, top.values, index.lists.ids[rows][top.indices], tables
+
+
+def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int, budget: int):
     """Top-``k`` scores and ids ``(Q, k)`` of a batch of queries.
 
-    The probed lists are unpacked (and, for float32 tables, decoded) ``BLOCK_ROWS`` vectors at
-    a time. Float32 table sums are computed as what they equal: dot products of the rotated
-    queries with the decoded residuals, one matrix product per group of consecutive lists
-    against all the (query, list) pairs of the group, the products of a query with the rows
-    of lists it does not probe being masked; the group size balances per-group overhead
+    The probed lists are scanned in chunks (:func:`_chunks`) whose temporaries stay under
+    ``budget`` bytes: a large list is scanned in pieces, its pairs' top-k merged piece after
+    piece. Float32 table sums are computed as what they equal: dot products of the rotated
+    queries with the decoded residuals, one matrix product per run of consecutive lists
+    against all the (query, list) pairs of the run, the products of a query with the rows
+    of lists it does not probe being masked; the run length balances per-run overhead
     against that waste. Reduced-precision tables are scored list by list."""
-    Q, P, dev = len(q_QD), min(p.n_probes, index.n_lists), index.device
-    exact = p.lut_dtype == "float32" and p.internal_distance_dtype == "float32"
-    coarse = index.coarse_scores(q_QD).topk(P, dim=1, largest=False)
-    probe = coarse.indices.reshape(-1)                                  # (Q*P,) pair = query * P + rank
-    pair_const = coarse.values                                           # -<q, c> for inner products
-    if index.metric == "sqeuclidean":
-        pair_const = pair_const + (q_QD * q_QD).sum(1, keepdim=True)    # |q - c|^2
-    pair_const = pair_const.reshape(-1)
+    Q, dev = len(q_QD), index.device
+    pr = _Probes(index, p, q_QD)
     q_rot = index.rotate(q_QD)
-    order = torch.argsort(probe, stable=True)                            # pairs grouped by list
-    query_of, list_of = order // P, probe[order]
-    counts = torch.bincount(probe, minlength=index.n_lists).cpu()
-    pair_first = (torch.cumsum(counts, 0) - counts).tolist()
-    lists_U = torch.nonzero((counts > 0) & (index.lists.size > 0))[:, 0]
-    n_rows = int(index.lists.size[lists_U].sum())
-    target = (n_rows * GROUP_COST / max(Q * P * 2 * index.rot_dim, 1)) ** 0.5 if exact else 0
-    best = torch.full((Q * P, k), float("inf"), device=dev)             # in list-sorted pair order
-    best_ids = torch.full((Q * P, k), -1, dtype=torch.int64, device=dev)
-    alpha = -2.0 if index.metric == "sqeuclidean" else -1.0
-    for block in _blocks(lists_U, index.lists.size[lists_U]):
-        rows, first_U, size_U = _probed_rows(index, block)
-        codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
-        ids = index.lists.ids[rows]
-        block_lists = block.tolist()
-        if exact:
-            lists_n = torch.repeat_interleave(block.to(dev), torch.tensor(size_U, device=dev))
-            r = index.residuals(codes, lists_n)
-        for g0, g1 in _groups(size_U, target):
-            l0, l1 = block_lists[g0], block_lists[g1 - 1]
-            sel = slice(pair_first[l0], pair_first[l1] + int(counts[l1]))
-            a, b = first_U[g0], first_U[g1 - 1] + size_U[g1 - 1]
-            if exact:
-                t = _row_terms(index, r[a:b], lists_n[a:b])     # per group: small temporaries
-                scores = torch.addmm(t[None], q_rot[query_of[sel]], r[a:b].T, alpha=alpha)
-                if g1 - g0 > 1:                 # a query is scored only on its own list's rows
-                    scores.masked_fill_(lists_n[a:b][None] != list_of[sel][:, None], float("inf"))
-                scores += pair_const[order[sel]][:, None]
-            else:
-                scores = _table_scores(index, p, q_rot[query_of[sel]], pair_const[order[sel]], l0, codes[a:b])
-            top = torch.topk(scores, min(k, b - a), dim=1, largest=False)
-            best[sel, :top.values.shape[1]] = top.values
-            best_ids[sel, :top.values.shape[1]] = ids[a:b][top.indices]
+    size_U, pairs_U = index.lists.size[pr.lists_U].tolist(), pr.counts[pr.lists_U].tolist()
+    target = (sum(size_U) * GROUP_COST / max(Q * pr.P * 2 * index.rot_dim, 1)) ** 0.5 if _exact(p) else 0
+    row_bytes = _row_bytes(index.pq_dim, index.rot_dim, index.code_bytes, _exact(p))
+    best = torch.full((Q * pr.P, k), float("inf"), device=dev)          # in list-sorted pair order
+    best_ids = torch.full((Q * pr.P, k), -1, dtype=torch.int64, device=dev)
+    tables = None
+    for chunk in _chunks(size_U, pairs_U, target, row_bytes, _pair_row_bytes(index.pq_dim, p), budget):
+        later = chunk[2] > int(pr.first_U[chunk[0]])          # a later piece of a list
+        sel, values, ids, tables = _scan_chunk(index, p, q_rot, pr, chunk, k, tables if later else None)
+        if later:                                             # merge with the earlier pieces
+            values, ids = torch.cat([best[sel], values], 1), torch.cat([best_ids[sel], ids], 1)
+            top = torch.topk(values, k, dim=1, largest=False)
+            values, ids = top.values, ids.gather(1, top.indices)
+        best[sel, :values.shape[1]], best_ids[sel, :values.shape[1]] = values, ids
     best_ids[torch.isinf(best)] = -1
-    back = torch.argsort(order)                                          # to query-major pair order
-    top = torch.topk(best[back].reshape(Q, P * k), k, dim=1, largest=False)
-    return top.values, best_ids[back].reshape(Q, P * k).gather(1, top.indices)
+    back = torch.argsort(pr.order)                                       # to query-major pair order
+    top = torch.topk(best[back].reshape(Q, pr.P * k), k, dim=1, largest=False)
+    return top.values, best_ids[back].reshape(Q, pr.P * k).gather(1, top.indices)
 
 
 def _batch_size(index: Index, p: SearchParams, k: int, workspace_bytes: int) -> int:
-    """Queries per batch: the (query, probe) top-k buffers and one list's tables per query
-    (the decoded rows of the probed lists take ``BLOCK_ROWS`` rows at a time)."""
-    P = min(p.n_probes, index.n_lists)
-    per_query = P * k * 12 + index.pq_dim * index.pq_book_size * 12 + index.rot_dim * 8
-    return max(1, (workspace_bytes - BLOCK_ROWS * (index.rot_dim * 4 + index.pq_dim * 8 + 16)) // per_query)
+    """Queries per batch: their buffers take at most half of the workspace, the scan of the
+    probed lists the rest."""
+    return max(1, workspace_bytes // 2 // _index_query_bytes(index, p, k))
+
+
+def _index_query_bytes(index: Index, p: SearchParams, k: int) -> int:
+    return _query_bytes(min(p.n_probes, index.n_lists), k, index.pq_dim, index.pq_book_size, index.rot_dim,
+                        index.n_lists, _exact(p))
+
+
+def search_workspace_bytes(p: SearchParams, k: int, *, n_queries: int, n_lists: int, pq_dim: int, pq_bits: int,
+                           rot_dim: int, list_rows: int, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+    """Peak search workspace: the buffers of a batch of queries plus the temporaries of scanning
+    a list of ``list_rows`` rows that every query of the batch probes, at most ``workspace_bytes``
+    (or one query and one row, when those alone take more)."""
+    per_query = _query_bytes(min(p.n_probes, n_lists), k, pq_dim, 1 << pq_bits, rot_dim, n_lists, _exact(p))
+    nq = min(max(n_queries, 1), max(1, workspace_bytes // 2 // per_query))
+    per_row = _row_bytes(pq_dim, rot_dim, pq_dim * pq_bits // 8, _exact(p)) + nq * _pair_row_bytes(pq_dim, p)
+    need = nq * per_query + list_rows * per_row
+    return min(need, max(workspace_bytes, per_query + per_row))
 
 
 def _to_metric(index: Index, dist_QK: torch.Tensor) -> torch.Tensor:
@@ -185,7 +270,8 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
            workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` approximate nearest neighbours of each query: ``(distances, neighbors)``,
     float32 and int64 ``(Q, k)``; -1 ids (and inf distances, -inf for inner products) where
-    the probed lists hold fewer than ``k`` vectors."""
+    the probed lists hold fewer than ``k`` vectors. ``workspace_bytes`` bounds the temporaries
+    (see the module docstring; :func:`search_workspace_bytes` estimates them)."""
     p = search_params.validated()
     queries = check_vectors(queries, "queries", index.dim)
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -199,7 +285,8 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
     with torch.no_grad():
         for a in range(0, Q, step):
             q_QD = float_rows(queries[a:a + step], index.device, index.metric == "cosine")
-            dist, ids = _search_batch(index, p, q_QD, k)
+            budget = workspace_bytes - len(q_QD) * _index_query_bytes(index, p, k)
+            dist, ids = _search_batch(index, p, q_QD, k, budget)
             distances[a:a + len(q_QD), :dist.shape[1]] = _to_metric(index, dist).cpu().numpy()
             neighbors[a:a + len(q_QD), :ids.shape[1]] = ids.cpu().numpy()
     if index.metric == "inner_product":
