@@ -3,17 +3,24 @@ encoding need, over accelerate's process state.
 
 Launch with ``scripts/launch.sh -n 2 task=...`` (``torchrun`` on CPUs, ``accelerate launch``
 on GPUs) or any launcher that sets ``RANK``/``WORLD_SIZE``; a plain ``python`` run is one
-process and every operation here is then a no-op.
+process and every operation here is then a no-op. Several machines: the same command on each
+with ``--nnodes N --node-rank R --master-addr HOST`` (docs/multinode.md); nothing here depends
+on where the processes run, but the output and the data paths must be the same for all.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+_announced = False
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,23 @@ class Workers:
         if not torch.distributed.is_initialized():
             raise ConfigError("WORLD_SIZE > 1 but no process group could be set up; launch with "
                               "scripts/launch.sh, torchrun or accelerate launch")
-        return cls(state.process_index, state.num_processes), state.device
+        workers = cls(state.process_index, state.num_processes)
+        workers._announce(state.device)
+        return workers, state.device
+
+    def _announce(self, device) -> None:
+        """Log, once per process, where this process sits in the job (the machine, its node
+        rank as the launcher numbered it, the backend), so that each node's log shows it took
+        part."""
+        global _announced
+        if _announced:
+            return
+        _announced = True
+        log.info("process %d of %d: node %s, local process %s of %s, host %s, device %s, backend %s, "
+                 "rendezvous %s:%s", self.rank, self.world_size, os.environ.get("GROUP_RANK", "?"),
+                 os.environ.get("LOCAL_RANK", "?"), os.environ.get("LOCAL_WORLD_SIZE", "?"),
+                 socket.gethostname(), device, torch.distributed.get_backend(),
+                 os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
