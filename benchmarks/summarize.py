@@ -3,6 +3,7 @@
     python benchmarks/summarize.py benchmarks/results/codecs.jsonl
     python benchmarks/summarize.py benchmarks/results/ivf_search.jsonl
     python benchmarks/summarize.py benchmarks/results/ivfpq.jsonl
+    python benchmarks/summarize.py benchmarks/results/scale.jsonl
 """
 
 import json
@@ -63,9 +64,33 @@ def ivfpq(rows: list[dict], probes=(1, 5, 20, 100, 200)) -> None:
         print(f"| {index} | {latest[(index, probes[0])]['bytes_per_vector']} | " + " | ".join(cells) + " |")
 
 
+def scale(rows: list[dict]) -> None:
+    """Per stage: µs per vector and peak memory (process-owned / all resident) at each N,
+    and the growth of the per-vector time from the smallest to the largest N."""
+    latest = {(r["stage"], r["N"]): r for r in rows if r.get("result") and r["stage"] != "encode_kivf"}
+    sizes = sorted({n for _, n in latest})
+    print("| stage | " + " | ".join(f"N={n:.0e}" for n in sizes) + " | µs per vector, largest N / smallest N |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for stage in dict.fromkeys(s for s, _ in latest):
+        cells, times = [], []
+        for n in sizes:
+            r = latest.get((stage, n))
+            if r is None:
+                cells.append("")
+                continue
+            times.append(r["result"]["us_per_vector"])
+            cells.append(f"{times[-1]:.3g} µs, {r['peak_anon_mb']:.0f} / {r['peak_rss_mb']:.0f} MB")
+        print(f"| {stage} | " + " | ".join(cells) + f" | {times[-1] / times[0]:.2f} |")
+    for r in rows:
+        if r["stage"] == "encode_kivf" and r.get("result"):
+            for k in r["result"]:
+                print(f"- encode, qinco2-S A=16 B=32, ivf_K={k['ivf_K']}: {k['us_per_vector'] / 1e3:.1f} ms per vector "
+                      f"({k['n']} vectors)")
+
+
 def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    {"ivf_search": ivf_search, "ivfpq": ivfpq}.get(rows[-1].get("bench"), codecs)(rows)
+    {"ivf_search": ivf_search, "ivfpq": ivfpq, "scale": scale}.get(rows[-1].get("bench"), codecs)(rows)
 
 
 if __name__ == "__main__":
