@@ -2,6 +2,7 @@
 
 A reader never sees a half-written file, and a crash leaves the old file (or none) plus at
 most a hidden ``.<name>.*.tmp`` file. The new file gets the old file's permissions, or 0o644.
+:func:`check_writable` tells, before a long computation, whether its output can be written.
 """
 
 from __future__ import annotations
@@ -12,6 +13,34 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import InputError
+
+
+def check_writable(path, what: str = "the output file") -> None:
+    """Raise :class:`~qinco2.errors.InputError` (naming ``what``, the path and the reason) when
+    a file cannot be written at ``path`` the way :func:`atomic_path` writes it: ``path`` is a
+    folder, lies under a regular file, or its folder does not accept a new file (permissions, a
+    read-only disk). Call it before long work. A temporary file is created beside ``path`` (in
+    its nearest existing folder; missing folders are not created) and removed at once."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {what} {path}: it is a folder; give the path of a file "
+                         "(a new name, or one inside that folder)")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:   # missing folders: made by the writer
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {what} {path}: {folder} is a file, not a folder; "
+                         "choose a path whose folders are folders")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path}: creating a file in {folder} failed "
+                         f"({exc.strerror or exc}); choose a folder you can write to, or change "
+                         "its permissions") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager

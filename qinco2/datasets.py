@@ -229,6 +229,8 @@ def _find_named(name: str, data_root: str | Path | None) -> Dataset:
 
 def _as_file(path: str | Path, role: str) -> Path:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DatasetError(f"{role} file {p} is a directory, not a vector file; give the path of a file in it")
     if not p.is_file():
         raise DatasetError(f"{role} file {p} does not exist (expected a vector file path)")
     return p
@@ -278,6 +280,8 @@ def resolve_dataset(
     elif Path(db).expanduser().is_file():
         path = Path(db).expanduser()
         ds = Dataset(path.stem, None, path, None, None)
+    elif Path(db).expanduser().is_dir():
+        raise DatasetError(f"database file {db} is a directory, not a vector file; give the path of a file in it")
     elif os.sep in str(db) or Path(db).suffix:
         raise DatasetError(f"database file {db} does not exist")
     else:

@@ -6,21 +6,32 @@ on GPUs) or any launcher that sets ``RANK``/``WORLD_SIZE``; a plain ``python`` r
 process and every operation here is then a no-op. Several machines: the same command on each
 with ``--nnodes N --node-rank R --master-addr HOST`` (docs/multinode.md); nothing here depends
 on where the processes run, but the output and the data paths must be the same for all.
+
+A process that fails must not leave the others waiting at the next collective: the work
+between two collectives runs in ``with workers.synced("what"):``, whose end is a barrier that
+also shares errors, so that every process stops with the first failure
+(:class:`WorkerFailedError` in the processes that did not fail themselves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, QincoError
 
 log = logging.getLogger(__name__)
 _announced = False
+
+
+class WorkerFailedError(QincoError, RuntimeError):
+    """Another process of a launched job failed; this one stops too."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,33 @@ class Workers:
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
+
+    def synced(self, what: str) -> contextlib.AbstractContextManager:
+        """Run a block of work, then wait for the other processes (a barrier) and share the
+        errors: when the block raised in some process, every process raises, the failed ones
+        their own error and the others a :class:`WorkerFailedError` naming the first failed
+        rank and its message. ``what`` says what the block does, for that message. Every
+        process must enter the same blocks in the same order; alone, nothing is added."""
+        return self._synced(what) if self.distributed else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _synced(self, what: str) -> Iterator[None]:
+        error = None
+        try:
+            yield
+        except Exception as exc:        # not KeyboardInterrupt: a Ctrl-C reaches every process
+            error = exc
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        messages = [None] * self.world_size
+        torch.distributed.all_gather_object(messages, message)      # also the barrier
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if error is not None:
+            raise error
+        if failed:
+            rank, first = failed[0]
+            others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+            raise WorkerFailedError(f"rank {rank} of {self.world_size}{others} failed while {what}: {first}; "
+                                    f"rank {self.rank} stops too. Fix the cause and run the job again")
 
 
 def shutdown() -> None:

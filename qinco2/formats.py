@@ -309,6 +309,14 @@ def _vecs_records(chunk_ND: np.ndarray) -> np.ndarray:
 
 def _atomic_open(path: Path):
     """:func:`qinco2.atomic.atomic_open` of a vector file whose folder must exist."""
+    if path.is_dir():
+        raise VectorFileError(
+            f"cannot write {path}: it is a directory; give the name of a file to write."
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise VectorFileError(
+            f"cannot write {path}: {path.parent} is a file, not a directory; choose another path."
+        )
     if not path.parent.is_dir():
         raise VectorFileError(
             f"cannot write {path}: directory {path.parent} does not exist; create it first."

@@ -27,6 +27,8 @@ VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np
 BIN_DTYPES = {".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".ibin": np.dtype("<i4")}
 
 _HEADER_CHECK_ROWS = 1 << 20  # *vecs dimension headers compared per chunk
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a .npy file
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a zip archive (.npz, torch.save files)
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,15 @@ def vector_suffix(path: Path) -> str:
 
 
 def inspect_vector_file(path: PathLike) -> tuple[Path, str, Layout]:
-    """Check that ``path`` exists with a known suffix and read its layout (no vector data)."""
+    """Check that ``path`` exists with a known suffix and read its layout (no vector data).
+    A file whose content is of another format than its suffix says (e.g. a ``.npy`` file
+    renamed ``.fvecs``) is reported as such, with the suffix to rename it to."""
     p = Path(path)
+    if p.is_dir():
+        raise VectorFileError(f"{p}: is a directory, not a vector file; give the path of a file in it.")
     suffix = vector_suffix(p)
     if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        what = "does not exist" if not p.exists() else "is not a regular file"
         raise VectorFileError(f"{p}: {what}; check the path.")
     size = p.stat().st_size
     if size == 0:
@@ -74,6 +80,60 @@ def inspect_vector_file(path: PathLike) -> tuple[Path, str, Layout]:
     return p, suffix, layout
 
 
+# ---------------------------------------------------------------------------
+# content of another format than the suffix says
+
+
+def _fits_vecs(p: Path, size: int, head: bytes, itemsize: int) -> bool:
+    """Whether the file is two or more whole records of ``itemsize``-byte values, its second
+    header equal to the first (one record alone is no evidence: a truncated file may fit)."""
+    if len(head) < 4:
+        return False
+    d = int(np.frombuffer(head[:4], dtype="<i4")[0])
+    record = 4 + d * itemsize
+    if d <= 0 or size % record or size < 2 * record:
+        return False
+    with open(p, "rb") as f:
+        f.seek(record)
+        return f.read(4) == head[:4]
+
+
+def _fits_bin(size: int, head: bytes, itemsize: int) -> bool:
+    if len(head) < 8:
+        return False
+    n, d = (int(v) for v in np.frombuffer(head[:8], dtype="<u4"))
+    return d > 0 and 8 + n * d * itemsize == size
+
+
+def _other_format(p: Path, size: int, suffix: str) -> VectorFileError | None:
+    """The error saying which other format the content of ``p`` looks like, or None."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head.startswith(NPY_MAGIC):
+        return _renamed(p, suffix, [".npy"], "it starts with the NumPy magic b'\\x93NUMPY'")
+    if head.startswith(ZIP_MAGIC):
+        return VectorFileError(
+            f"{p}: the content is a zip archive (a .npz file, or a torch/qinco2 model file), not a "
+            f"{suffix} vector file. Save the vectors with numpy.save (a .npy file) or qinco2.formats."
+            "write_vectors, and pass that file."
+        )
+    fits = [s for s, t in VECS_DTYPES.items() if s != suffix and _fits_vecs(p, size, head, t.itemsize)]
+    if fits:
+        return _renamed(p, suffix, fits, "its size and record headers fit one int32 dimension header per vector")
+    fits = [s for s, t in BIN_DTYPES.items() if s != suffix and _fits_bin(size, head, t.itemsize)]
+    if fits:      # a truncated file may fit another item size: not sure
+        return _renamed(p, suffix, fits, "its size is that of its (n, d) uint32 header", sure=False)
+    return None
+
+
+def _renamed(p: Path, suffix: str, fits: list[str], why: str, sure: bool = True) -> VectorFileError:
+    names = " or ".join(p.with_suffix(s).name for s in fits)
+    fix = (f"The file was probably renamed: rename it to {names} (its real format), or convert it." if sure else
+           f"If it is one, rename it to {names}; otherwise it is damaged: re-download or regenerate it.")
+    kind = " or ".join(fits)
+    return VectorFileError(f"{p}: the content looks like a {kind} file, not a {suffix} file ({why}). {fix}")
+
+
 def _vecs_layout(p: Path, suffix: str, size: int) -> Layout:
     dtype = VECS_DTYPES[suffix]
     with open(p, "rb") as f:
@@ -83,15 +143,27 @@ def _vecs_layout(p: Path, suffix: str, size: int) -> Layout:
             f"{p}: file of {size} bytes is shorter than one 4-byte record header; "
             "the file is truncated. Regenerate or re-download it."
         )
+    if head == NPY_MAGIC[:4]:
+        raise _renamed(p, suffix, [".npy"], "it starts with the NumPy magic b'\\x93NUMPY'")
     d = int(np.frombuffer(head, dtype="<i4")[0])
     if d <= 0:
-        raise VectorFileError(
+        raise _other_format(p, size, suffix) or VectorFileError(
             f"{p}: the first record header says dimension {d}, but a {suffix} record starts with a "
             f"positive int32 dimension. Is this really a {suffix} file (not a renamed .fbin/.npy)?"
         )
     record = 4 + d * dtype.itemsize
     n, rest = divmod(size, record)
     if rest:
+        other = _other_format(p, size, suffix)
+        if other is not None:
+            raise other
+        if n == 0:
+            raise VectorFileError(
+                f"{p}: file size {size} bytes is smaller than the record size {record} bytes "
+                f"(4-byte header + {d} x {dtype.itemsize}-byte values, d={d} from the first header): "
+                f"the file is truncated within its first record, or is not a {suffix} file. "
+                "Check its real format, or re-download or regenerate it."
+            )
         raise VectorFileError(
             f"{p}: file size {size} bytes is not a multiple of the record size {record} bytes "
             f"(4-byte header + {d} x {dtype.itemsize}-byte values, d={d} from the first header): "
@@ -110,13 +182,18 @@ def _bin_layout(p: Path, suffix: str, size: int) -> Layout:
             "(uint32 n, uint32 d); the file is truncated. Re-download or regenerate it."
         )
     with open(p, "rb") as f:
-        n, d = (int(v) for v in np.frombuffer(f.read(8), dtype="<u4"))
+        head = f.read(8)
+    if head.startswith(NPY_MAGIC):
+        raise _renamed(p, suffix, [".npy"], "it starts with the NumPy magic b'\\x93NUMPY'")
+    n, d = (int(v) for v in np.frombuffer(head, dtype="<u4"))
     if d == 0:
-        raise VectorFileError(f"{p}: the header says dimension d=0 (n={n}); the file is corrupt.")
+        raise _other_format(p, size, suffix) or VectorFileError(
+            f"{p}: the header says dimension d=0 (n={n}); the file is corrupt."
+        )
     expected = 8 + n * d * dtype.itemsize
     if expected != size:
         problem = "truncated" if size < expected else "followed by extra bytes"
-        raise VectorFileError(
+        raise _other_format(p, size, suffix) or VectorFileError(
             f"{p}: the header says n={n}, d={d}, so the file should be "
             f"8 + {n}*{d}*{dtype.itemsize} = {expected} bytes, but it is {size} bytes "
             f"(data {problem}). Re-download the file, or check that it really is a {suffix} "
@@ -137,7 +214,7 @@ def _npy_layout(p: Path, size: int) -> Layout:
                 raise ValueError(f"unsupported .npy format version {version}")
             offset = f.tell()
     except (ValueError, EOFError) as e:
-        raise VectorFileError(
+        raise _other_format(p, size, ".npy") or VectorFileError(
             f"{p}: not a valid .npy file ({e}); re-save it with numpy.save."
         ) from e
     if dtype.fields is not None or dtype.kind not in "iuf":

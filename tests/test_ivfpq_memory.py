@@ -246,3 +246,29 @@ def test_sample_is_a_strided_view_with_cuvs_sizes(clustered):
     for fraction, n_lists, size in [(0.5, 8, 500), (0.1, 8, 100), (0.3, 8, 333), (0.7, 8, 1000), (0.001, 40, 40)]:
         sample = builder._sample(x, fraction, n_lists, gen)
         assert len(sample) == size and np.shares_memory(sample, x)
+
+
+@pytest.mark.parametrize("conservative", [True, False])
+def test_a_bulk_add_sizes_the_lists_once(monkeypatch, conservative):
+    """A bulk extend counts the vectors per list first: the buffers are allocated once (for a
+    conservative index at the exact final size) and no list moves while filling."""
+    x = np.random.default_rng(3).normal(size=(3000, D)).astype(np.float32)
+    params = IndexParams(n_lists=8, pq_dim=8, kmeans_n_iters=4, add_data_on_build=False,
+                         conservative_memory_allocation=conservative)
+    monkeypatch.setattr(builder, "CHUNK_ROWS", 400)                 # 8 chunks, the last short
+    ref = ivfpq.build(params, x)
+    for i in range(0, len(x), 400):                                  # chunk by chunk: lists grow
+        ivfpq.extend(ref, x[i:i + 400], np.arange(i, min(i + 400, len(x))))
+    index = ivfpq.build(params, x)
+    buffers, moves = [], []
+    lists = index.lists
+    relayout, relocate = type(lists)._relayout, type(lists)._relocate
+    monkeypatch.setattr(type(lists), "_relayout", lambda self, c: relayout(self, c) or buffers.append(len(self.ids)))
+    monkeypatch.setattr(type(lists), "_relocate", lambda self, *a: moves.append(1) or relocate(self, *a))
+    ivfpq.extend(index, x, np.arange(len(x)))
+    assert moves == [] and len(buffers) == 1
+    if conservative:
+        assert buffers == [len(x)] and index.nbytes() == ref.nbytes()
+    assert lists.ntotal == len(x) and buffers[0] <= 2 * len(x) + 8 * 32
+    sp = SearchParams(n_probes=3)
+    np.testing.assert_array_equal(ivfpq.search(sp, index, x[:20], 5)[1], ivfpq.search(sp, ref, x[:20], 5)[1])

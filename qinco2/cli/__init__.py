@@ -6,6 +6,7 @@ Modules (imports point down only)::
     codec_tasks       train, eval, eval_valset, encode, demo, search without index=
     ivfsearch_tasks   ivf_centroids, train_pairwise_decoder, build_index, search with index=
     ivfpq_tasks       ivfpq_build, ivfpq_search
+    task_files        the files each task reads and writes, checked before it starts
     common            helpers of every task: required keys, data set, codec, printing
     config            CliArgs (every key and its default) and parse_args
 """

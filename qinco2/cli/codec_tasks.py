@@ -30,7 +30,7 @@ from .common import (
     print_table,
     require,
 )
-from .config import TRAIN_KEYS, CliArgs
+from .config import DEMO_OUTPUT, TRAIN_KEYS, CliArgs
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
     from ..codec.evaluate import run_demo
 
-    output = args.output or "qinco2-demo.pt"
+    output = args.output or DEMO_OUTPUT
     start = time.perf_counter()
     r = run_demo(output, device=device, progress=args.verbose)
     q, rq = r["qinco2"], r["rq"]

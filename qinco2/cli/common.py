@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from pathlib import Path
+
+import numpy as np
 
 from ..errors import ConfigError
 from .config import ARCH_KEYS, CliArgs
@@ -92,6 +96,25 @@ def print_table(rows: list[list], header: list[str] | None = None, file=None) ->
             print("  ".join("-" * w for w in widths), file=file)
 
 
+def json_safe(value):
+    """``value`` with the types of strict JSON: NumPy scalars and arrays as Python numbers and
+    lists, tuples as lists, paths as strings, and NaN or infinite floats as ``None``."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def print_result(result: dict) -> None:
-    """The one ``RESULT {json}`` line scripts read."""
-    print("RESULT " + json.dumps(result, default=str), flush=True)
+    """The one ``RESULT {json}`` line scripts read: strict JSON (``null`` for a NaN or an
+    infinity, never ``NaN``/``Infinity``, which JSON parsers other than Python's refuse)."""
+    print("RESULT " + json.dumps(json_safe(result), default=str, allow_nan=False), flush=True)

@@ -31,8 +31,11 @@ class CliArgs:
     """Every key the command line accepts, with its default."""
 
     task: Optional[str] = None
-    output: Optional[str] = None
+    output: Optional[str] = None       # the file a task writes; never one of its inputs
+    # task=train refuses an existing output= unless resume=true (continue its training) or
+    # overwrite=true (train a new model in its place); task=search resume=true continues a log
     resume: bool = False
+    overwrite: bool = False
     model: Optional[str] = None
     model_args: Optional[str] = None
     L: Optional[int] = None
@@ -99,6 +102,7 @@ class CliArgs:
     data_root: Optional[str] = None
 
 
+DEMO_OUTPUT = "qinco2-demo.pt"      # task=demo without output=
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
 TRAIN_KEYS = ("lr", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
               "max_time_s", "time_schedule", "tensorboard")

@@ -17,8 +17,9 @@ import json
 import time
 from pathlib import Path
 
+from ..atomic import atomic_open
 from ..errors import ConfigError, InputError
-from .common import data_limits, load_codec, open_dataset, print_table, require
+from .common import data_limits, json_safe, load_codec, open_dataset, print_table, require
 from .config import CliArgs
 
 INDEX_KEYS = ("n_lists", "metric", "kmeans_n_iters", "kmeans_trainset_fraction", "pq_bits",
@@ -115,7 +116,8 @@ def task_ivfpq_search(args: CliArgs, given: set[str], device: str) -> dict:
     result = {"task": "ivfpq_search", "index": path, "dataset": ds.name, "k": args.k,
               "refine": args.refine, "refine_ratio": args.refine_ratio,
               "n_queries": len(queries), "runs": rows}
-    if args.output:
+    if args.output:                     # strict JSON, written atomically
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=1))
+        with atomic_open(args.output) as f:
+            f.write(json.dumps(json_safe(result), indent=1, allow_nan=False).encode())
     return result

@@ -4,7 +4,9 @@ CLI's global state (logging, threads, device).
 The keys are those of :class:`qinco2.cli.config.CliArgs`. Each task (in
 :mod:`~qinco2.cli.codec_tasks`, :mod:`~qinco2.cli.ivfsearch_tasks`,
 :mod:`~qinco2.cli.ivfpq_tasks`) parses, calls the library and prints an aligned table;
-:func:`main` then prints one ``RESULT {json}`` line for scripts.
+:func:`main` then prints one ``RESULT {json}`` line for scripts (strict JSON: a NaN or an
+infinity is written ``null``). Before a task starts, :func:`~qinco2.cli.task_files.check_task_files`
+checks the files it will write.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..errors import ConfigError, QincoError
 from . import codec_tasks, ivfpq_tasks, ivfsearch_tasks
 from .common import format_value, launched_rank, print_result
 from .config import CliArgs, default_value, did_you_mean, leaf_keys, parse_args
+from .task_files import check_task_files
 
 __all__ = ["TASKS", "main", "parse_args", "run", "usage"]
 
@@ -75,6 +78,7 @@ def run(argv: list[str]) -> dict:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS)} "
                           f"(tasks: {', '.join(TASKS)})")
     device = _setup(args)
+    check_task_files(args)      # outputs writable and not inputs, before any work
     return TASKS[args.task](args, given, device)
 
 

@@ -1,18 +1,88 @@
-"""Training epochs as batches: wrapping windows over the training set, or full permutations.
+"""Reading the rows of training: epoch batches and the validation MSE.
 
-:func:`epoch_batches` yields one process's batches of one epoch, read from a
-(possibly memory-mapped) training array block by block; :func:`epoch_length`
-says how many there are.
+:func:`epoch_batches` yields one process's batches of one epoch (wrapping windows over the
+training set, or full permutations), read from a (possibly memory-mapped) training array
+block by block; :func:`epoch_length` says how many there are; :func:`validation_mse` reads
+the validation rows batch by batch. The rows are checked for NaN/Inf as they are read
+(:func:`check_rows_finite`), never by a scan of the whole file upfront: the error names the
+array, its row and, for a memory map, the file and the row there.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 from typing import Iterator
 
 import numpy as np
+import torch
 
+from ..distributed import Workers
 from ..errors import InputError
+from .encode import encode
+from .model import QincoModel
+
+FINITE_CHUNK_VALUES = 16 << 20  # values tested for NaN/Inf at a time
+TRAIN_FIX = "pass at least one training vector"
+VAL_FIX = "pass at least one validation vector (from the command line: ds.valset >= 1)"
+
+
+def row_source(x) -> tuple[str, int | None] | None:
+    """``(file, row of the file that is row 0 of x)`` for a memory-mapped array (a slice of
+    an ``np.memmap``, as :func:`qinco2.formats.open_vectors` gives), the row None when it
+    cannot be told; None for arrays in memory."""
+    filename = getattr(x, "filename", None)
+    if filename is None:
+        return None
+    try:                                     # byte distance from the start of the mapped data
+        base = np.frombuffer(x._mmap, dtype=np.uint8).ctypes.data
+        start = base + x.offset % mmap.ALLOCATIONGRANULARITY
+        row, _ = divmod(x.ctypes.data - start, x.strides[0])
+        return str(filename), (int(row) if x.strides[0] > 0 and row >= 0 else None)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return str(filename), None
+
+
+def describe(what: str, source: tuple[str, int | None] | None) -> str:
+    """``what``, with its file when it is read from one."""
+    return what if source is None else f"{what} (file {source[0]})"
+
+
+def first_nonfinite(x_nD: np.ndarray) -> int | None:
+    """Index of the first row of ``x_nD`` holding NaN or Inf (integer arrays: None)."""
+    if x_nD.dtype.kind not in "fc" or x_nD.size == 0:
+        return None
+    chunk = max(1, FINITE_CHUNK_VALUES // max(1, x_nD.shape[1]))
+    for i in range(0, len(x_nD), chunk):
+        ok_n = np.isfinite(x_nD[i:i + chunk]).all(axis=1)
+        if not ok_n.all():
+            return i + int(np.argmin(ok_n))
+    return None
+
+
+def nonfinite_error(what: str, row: int, source: tuple[str, int | None] | None) -> InputError:
+    """The error for NaN/Inf in row ``row`` of the array ``what`` (read from ``source``)."""
+    where = ""
+    if source is not None:
+        where = f" (file {source[0]})" if source[1] is None else f" (row {source[1] + row} of file {source[0]})"
+    return InputError(f"{what} holds NaN or Inf values in row {row}{where}; clean or drop those rows first")
+
+
+def require_rows(x, what: str, fix: str) -> None:
+    """:class:`InputError` when ``x`` has no rows (``fix``: how to give it some)."""
+    if len(x) == 0:
+        raise InputError(f"{describe(what, row_source(x))} has no rows; {fix}")
+
+
+def check_rows_finite(x_nD: np.ndarray, what: str, source=None, *, first_row: int = 0,
+                      row_ids=None) -> None:
+    """:class:`InputError` (:func:`nonfinite_error`) when ``x_nD``, the rows ``first_row..``
+    (or ``row_ids``) of the array ``what``, holds NaN or Inf."""
+    bad = first_nonfinite(x_nD)
+    if bad is not None:
+        row = int(row_ids[bad]) if row_ids is not None else first_row + bad
+        raise nonfinite_error(what, row, source)
 
 
 def _check_epoch_args(
@@ -37,31 +107,36 @@ def epoch_length(
 
 
 def _window_blocks(
-    train: np.ndarray, epoch: int, loop: int, block_rows: int, rng: np.random.Generator
+    train: np.ndarray, epoch: int, loop: int, block_rows: int, rng: np.random.Generator, check
 ) -> Iterator[np.ndarray]:
-    """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted."""
+    """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted;
+    ``check(rows, first_row=...)`` is called on the rows as they are read."""
     n = len(train)
     start = (epoch * loop) % n
     for offset in range(0, loop, block_rows):
         first = (start + offset) % n
         stop = first + min(block_rows, loop - offset)
-        if stop <= n:
-            block = np.asarray(train[first:stop])
-        else:
-            block = np.concatenate([train[first:], train[: stop - n]])
+        spans = [(first, stop)] if stop <= n else [(first, n), (0, stop - n)]
+        parts = [np.asarray(train[a:b]) for a, b in spans]
+        for (a, _), part in zip(spans, parts):
+            check(part, first_row=a)
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
         yield block[rng.permutation(len(block))]
 
 
 def _permuted_blocks(
-    train: np.ndarray, block_rows: int, rng: np.random.Generator
+    train: np.ndarray, block_rows: int, rng: np.random.Generator, check
 ) -> Iterator[np.ndarray]:
-    """The whole training set in one random order, gathered ``block_rows`` rows at a time."""
+    """The whole training set in one random order, gathered ``block_rows`` rows at a time;
+    ``check(rows, row_ids=...)`` is called on the rows as they are read."""
     order = rng.permutation(len(train))
     for i in range(0, len(order), block_rows):
         idx = order[i : i + block_rows]
         sort = np.argsort(idx)  # read the file in increasing row order
+        rows = np.asarray(train[idx[sort]])
+        check(rows, row_ids=idx[sort])
         block = np.empty((len(idx), *train.shape[1:]), dtype=train.dtype)
-        block[sort] = train[idx[sort]]
+        block[sort] = rows
         yield block
 
 
@@ -96,6 +171,7 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     full_pass: bool = False,
+    what: str = "x_train",
 ) -> Iterator[np.ndarray]:
     """The training batches of one epoch for process ``rank``, in the file's dtype.
 
@@ -113,15 +189,59 @@ def epoch_batches(
     process takes the same number of steps (:func:`epoch_length`). All
     processes must pass identically seeded generators. The batches are fresh
     arrays, never views of the file.
+
+    Every row read is checked for NaN/Inf (an :class:`InputError` naming ``what``, the row
+    of ``train`` and, for a memory map, the file and its row), so a bad row stops the epoch
+    that reads it; all processes read the same rows and stop at the same step.
     """
     _check_epoch_args(loop, batch_size, block_rows, rank, world_size)
     if len(train) == 0:
         raise InputError("the training set is empty; expected at least one row")
+    source = row_source(train)
+
+    def check(rows, **where):
+        check_rows_finite(rows, what, source, **where)
+
     if full_pass or len(train) <= loop:
-        blocks = _permuted_blocks(train, block_rows, rng)
+        blocks = _permuted_blocks(train, block_rows, rng, check)
     else:
-        blocks = _window_blocks(train, epoch, loop, block_rows, rng)
+        blocks = _window_blocks(train, epoch, loop, block_rows, rng, check)
     n_batches = epoch_length(len(train), loop, batch_size, world_size=world_size,
                              full_pass=full_pass)
-    batches = itertools.islice(_cut(blocks, batch_size), n_batches * world_size)
-    return (batch for i, batch in enumerate(batches) if i % world_size == rank)
+    batches = iter(itertools.islice(_cut(blocks, batch_size), n_batches * world_size))
+    # each process takes whole rounds of world_size batches, so that all of them have read the
+    # same rows (and meet a bad row in the same round) before the collectives of a step
+    rounds = iter(lambda: list(itertools.islice(batches, world_size)), [])
+    return (batches_W[rank] for batches_W in rounds)
+
+
+@torch.no_grad()
+def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_scale: float,
+                   batch: int = 4096, workers: Workers = Workers()) -> float:
+    """Raw-space MSE (sum over dims, mean over vectors) times ``mse_scale``; with several
+    processes each takes a contiguous share of the rows and the sums are reduced.
+
+    The rows are checked for NaN/Inf as they are read (after the cast to float32): an
+    :class:`InputError` names the row of ``x_val`` (the first bad row any process met, so
+    all of them raise the same error); an empty ``x_val`` is refused."""
+    require_rows(x_val, "x_val", VAL_FIX)
+    device = model.mean.device
+    share = -(-len(x_val) // workers.world_size)
+    lo, hi = workers.rank * share, min(len(x_val), (workers.rank + 1) * share)
+    total, n, bad = 0.0, 0, math.inf
+    for i in range(lo, hi, batch):
+        with np.errstate(over="ignore"):                  # overflow gives Inf, caught below
+            x_nD = np.array(x_val[i:min(i + batch, hi)], dtype=np.float32)
+        row = first_nonfinite(x_nD)
+        if row is not None:
+            bad = i + row
+            break
+        x = torch.from_numpy(x_nD).to(device)
+        _, xhat = encode(model, model.normalize(x), A=A, B=B)
+        total += ((model.denormalize(xhat) - x) ** 2).sum(dtype=torch.float64).item()
+        n += len(x)
+    first_bad = -float(workers.all_reduce_(torch.tensor([-bad], dtype=torch.float64, device=device), "max")[0])
+    if math.isfinite(first_bad):
+        raise nonfinite_error("x_val", int(first_bad), row_source(x_val))
+    sums = workers.all_reduce_(torch.tensor([total, n], dtype=torch.float64, device=device))
+    return float(sums[0] / max(float(sums[1]), 1.0)) * mse_scale

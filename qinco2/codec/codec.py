@@ -11,12 +11,12 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distributed import Workers
-from ..errors import ConfigError, InputError, NotTrainedError
+from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..ivf import check_centroids
 from ..validation import check_codes, check_vectors
 from .code_layout import CodeLayout
 from .encode import DEFAULT_MAX_BYTES, encode
-from .model import PRESETS, ModelConfig, QincoModel
+from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
 from .sizing import SMALL_DATA_PATIENCE, fit_to_data
 from .train import TrainConfig, TrainState, fit, initialize
 
@@ -118,15 +118,23 @@ class QincoCodec:
         ``init_model``: a model file to continue training from (its weights, fresh optimizer).
         ``ivf_centroids``: raw-space ``(C, D)`` table used as a frozen first step (IVF model).
         ``workers``: the data-parallel processes of a launched job (:mod:`qinco2.distributed`).
+
+        Empty sets are refused; rows are checked for NaN/Inf as they are read (the initialisation
+        sample, each training and validation batch), not by a scan of the whole file upfront.
         """
-        x_train = check_vectors(x_train, "x_train")
+        self.train_config.validated()
+        x_train = check_vectors(x_train, "x_train", finite=False)
         if x_val is None:
             n_val = min(10_000, len(x_train) // 10)
             if n_val == 0:
                 raise InputError(f"{len(x_train)} training vectors are too few to hold out a validation "
                                  "set; pass x_val or more training vectors")
             x_train, x_val = x_train[:-n_val], x_train[-n_val:]
-        check_vectors(x_val, "x_val", x_train.shape[1], dim_owner=f"x_train has dimension {x_train.shape[1]}")
+        check_vectors(x_val, "x_val", x_train.shape[1], dim_owner=f"x_train has dimension {x_train.shape[1]}",
+                      finite=False)
+        if len(x_val) == 0:
+            raise InputError("x_val has no rows, so there is nothing to validate on; pass at least one "
+                             "validation vector (from the command line: ds.valset >= 1)")
         if len(x_train) < self.model_config.K:
             raise InputError(f"need at least K={self.model_config.K} training vectors, got {len(x_train)}")
         torch.manual_seed(self.train_config.seed)
@@ -179,6 +187,9 @@ class QincoCodec:
         ``packed``: ``(N, code_size)`` uint8 instead, the vectors at their real size (as faiss's
         ``sa_encode``; :attr:`code_layout` gives the byte layout)."""
         model = self._model()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be a whole number >= 1 (rows per batch), got {batch_size!r}; "
+                             "pass e.g. batch_size=65536 (less to use less memory)")
         x = check_vectors(x, "x", model.cfg.D, dim_owner=f"the codec was trained on D={model.cfg.D}")
         A = model.cfg.A if A is None else A
         B = model.cfg.B if B is None else B
@@ -203,6 +214,9 @@ class QincoCodec:
         ``(N, code_size)`` uint8 of ``encode(..., packed=True)`` (whole codes only). Values are
         checked batch by batch, so a memory-mapped array is read once."""
         model = self._model()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be a whole number >= 1 (rows per batch), got {batch_size!r}; "
+                             "pass e.g. batch_size=65536 (less to use less memory)")
         if packed:
             check_codes(codes, columns=self.code_size, columns_are="code_size bytes per vector",
                         fix="pass the packed codes made by this model")
@@ -228,10 +242,15 @@ class QincoCodec:
     def load(cls, path, *, device=None, **overrides) -> "QincoCodec":
         """Load a model file; ``A``/``B`` (and training fields) may be overridden."""
         payload = load_checkpoint(path)
-        codec = cls(ModelConfig(**payload["model_config"]), device=device)
-        codec.model_ = codec._build(payload).to(codec.device)
+        model = cls._build(payload)
+        codec = cls(model.cfg, device=device)
+        codec.model_ = model.to(codec.device)
         if payload.get("training"):
-            codec.train_config = TrainConfig(**payload["training"]["config"])
+            try:
+                codec.train_config = TrainConfig(**payload["training"]["config"])
+            except (TypeError, KeyError) as exc:
+                raise ModelFileError(f"{path} holds a damaged training state ({type(exc).__name__}: {exc}); "
+                                     "retrain or use another copy") from exc
         for key, value in overrides.items():
             if key in ("A", "B"):
                 if key == "A" and value and not codec.model_.cfg.A:
@@ -247,8 +266,19 @@ class QincoCodec:
 
     @staticmethod
     def _build(payload: dict) -> QincoModel:
-        cfg = ModelConfig(**payload["model_config"])
-        model = QincoModel(cfg)
+        """The model of a :func:`~qinco2.checkpoint.load_checkpoint` payload; ModelFileError
+        naming the file when its config is invalid or its weights do not fit the config."""
+        source = payload.get("source", "the model file")
+        try:
+            model = QincoModel(ModelConfig.from_dict(payload["model_config"]))
+        except ConfigError as exc:
+            raise ModelFileError(f"{source} holds an invalid model config: {exc}; the file is damaged "
+                                 "or was edited: retrain or use another copy") from exc
+        problems = state_dict_problems(model, payload["state_dict"])
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ModelFileError(f"{source} is a damaged model file: its weights do not match its config: "
+                                 f"{'; '.join(problems[:5])}{more}; retrain or use another copy")
         model.load_state_dict(payload["state_dict"])
         return model
 

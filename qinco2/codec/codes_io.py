@@ -11,15 +11,18 @@ A codes file is two files:
   weights, so that later stages can check that codes and model belong together.
 
 :func:`encode_to_file` encodes shard by shard (split over the processes of a launched job),
-each shard written with a checksum so that a killed job resumes where it stopped, then merges
-the shards into the ``.npy`` (temporary file, then rename; the sidecar is written last, so a
-codes file without its sidecar is never taken for a finished one): peak disk use is about
-twice the codes' size, memory use one chunk. :func:`load_encoded` also reads the ``.npz``
+each shard written with the checksums of its codes and of its input rows so that a killed job
+resumes where it stopped (a shard whose input rows changed since is encoded again), then
+merges the shards into the ``.npy`` (temporary file, then rename; the sidecar is written last,
+so a codes file without its sidecar is never taken for a finished one): peak disk use is about
+twice the codes' size, memory use one chunk. One job at a time writes a codes file: the lock
+file ``.<name>.lock`` (:mod:`qinco2.locks`) refuses a second one. :func:`load_encoded` also reads the ``.npz``
 files of earlier versions (into memory); :func:`convert_codes` rewrites one as ``.npy``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +39,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_open, atomic_path
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
+from ..locks import exclusive_lock
 from ..rows import RowStack
 from ..validation import check_vectors
 from .code_layout import CodeLayout, PackedCodes
@@ -84,39 +88,81 @@ def _fingerprint(parts: list[np.ndarray], n: int, samples: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
-def _shard_bytes(shard: Path) -> bytes | None:
-    """The bytes of a shard file whose checksum file matches them, else None (a shard cut
-    short by a kill has no checksum file)."""
-    check = shard.with_suffix(".sha256")
-    if not (shard.is_file() and check.is_file()):
+def _shard_meta(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def _shard_bytes(shard: Path) -> tuple[bytes, dict] | None:
+    """The bytes of a shard file and its metadata (the sha256 of these bytes and of the input
+    rows encoded) when the checksum matches, else None (a shard cut short by a kill has no
+    metadata file)."""
+    meta_file = _shard_meta(shard)
+    if not (shard.is_file() and meta_file.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError:
         return None
     data = shard.read_bytes()
-    return data if check.read_text().strip() == hashlib.sha256(data).hexdigest() else None
+    ok = isinstance(meta, dict) and meta.get("sha256") == hashlib.sha256(data).hexdigest()
+    return (data, meta) if ok else None
 
 
-def _write_shard(shard: Path, packed_NC: np.ndarray) -> None:
+def _write_shard(shard: Path, packed_NC: np.ndarray, rows_sha: str) -> None:
     buffer = io.BytesIO()
     np.save(buffer, packed_NC)
     data = buffer.getvalue()
     with atomic_open(shard) as f:
         f.write(data)
-    with atomic_open(shard.with_suffix(".sha256")) as f:      # written last: marks the shard done
-        f.write(hashlib.sha256(data).hexdigest().encode())
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "input_sha256": rows_sha}
+    with atomic_open(_shard_meta(shard)) as f:      # written last: marks the shard done
+        f.write(json.dumps(meta).encode())
 
 
-def _prepare_parts(work: Path, job: dict, workers: Workers) -> None:
+def _rows_sha(parts: list[np.ndarray], lo: int, hi: int, batch: int) -> str:
+    """sha256 of the float32 bytes of the input rows ``lo..hi`` (read ``batch`` at a time)."""
+    h = hashlib.sha256()
+    for a in range(lo, hi, batch):
+        h.update(_rows(parts, a, min(a + batch, hi)).tobytes())
+    return h.hexdigest()
+
+
+def _reusable(shard: Path, parts: list[np.ndarray], lo: int, hi: int, batch: int) -> bool:
+    """The shard is complete and was encoded from the input rows ``lo..hi`` as they are now
+    (re-hashing them is far cheaper than encoding them again)."""
+    done = _shard_bytes(shard)
+    if done is None:
+        return False
+    if done[1].get("input_sha256") != _rows_sha(parts, lo, hi, batch):
+        log.warning("input rows %d..%d changed since %s was encoded: encoding them again", lo, hi, shard)
+        return False
+    return True
+
+
+def _encode_shard(codec: QincoCodec, parts: list[np.ndarray], shard: Path, lo: int, hi: int, batch: int,
+                  A: int | None, B: int | None) -> None:
+    h, packed = hashlib.sha256(), []
+    for a in range(lo, hi, batch):
+        x_ND = _rows(parts, a, min(a + batch, hi))
+        h.update(x_ND.tobytes())
+        try:
+            packed.append(codec.encode(x_ND, A=A, B=B, batch_size=batch, packed=True))
+        except InputError as exc:       # its row numbers count from the chunk's first row
+            raise InputError(f"input rows {a}..{a + len(x_ND)} (row numbers below count from {a}): {exc}") from exc
+    _write_shard(shard, np.concatenate(packed), h.hexdigest())
+
+
+def _prepare_parts(work: Path, job: dict) -> None:
     """The shard folder of this job; shards of a different job (other input, model or beam)
-    are deleted. Rank 0 prepares it, the others wait."""
-    if workers.is_main:
-        spec = work / "job.json"
-        if work.is_dir() and (not spec.is_file() or json.loads(spec.read_text()) != job):
-            log.warning("%s holds shards of another encoding job: starting over", work)
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        if not spec.is_file():
-            with atomic_open(spec) as f:
-                f.write(json.dumps(job).encode())
-    workers.barrier()
+    are deleted."""
+    spec = work / "job.json"
+    if work.is_dir() and (not spec.is_file() or json.loads(spec.read_text()) != job):
+        log.warning("%s holds shards of another encoding job: starting over", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not spec.is_file():
+        with atomic_open(spec) as f:
+            f.write(json.dumps(job).encode())
 
 
 def sidecar_path(path) -> Path:
@@ -132,9 +178,41 @@ def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress:
     time; ``A``/``B`` override the model's beam. Returns the sidecar's content.
 
     The rows are cut into shards of ``shard_rows``; shard ``i`` is encoded by process
-    ``i % world_size`` and written, with its checksum, to the folder ``.<name>.parts`` beside
-    ``path``. Run again after a crash or kill, the same call skips the shards already written
-    and checked; rank 0 then merges them in order into ``path`` and removes the folder."""
+    ``i % world_size`` and written, with the checksums of its codes and of its input rows, to
+    the folder ``.<name>.parts`` beside ``path``. Run again after a crash or kill, the same
+    call skips the shards already written and checked (input rows changed since: encoded
+    again); rank 0 then merges them in order into ``path`` and removes the folder. Rank 0
+    holds the lock file ``.<name>.lock`` meanwhile: a second job writing ``path`` is refused
+    (:class:`~qinco2.locks.LockedError`). A process that fails stops the others."""
+    with contextlib.ExitStack() as held:
+        with workers.synced("preparing the encoding"):
+            parts, path, meta = _check_encoding(codec, x, path, shard_rows)
+            n, work = sum(len(p) for p in parts), path.parent / f".{path.name}.parts"
+            if workers.is_main:
+                held.enter_context(exclusive_lock(path))
+                _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B, "shards": 2,
+                                      "format": FORMAT_VERSION, "data": _fingerprint(parts, n)})
+        with workers.synced("encoding its shards"):
+            shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
+            with tqdm(total=n, unit="vec", desc=f"encode {path.name}",
+                      disable=not (progress and workers.is_main)) as bar:
+                for i in shards:
+                    lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
+                    shard = work / f"shard-{i:07d}.npy"
+                    if not _reusable(shard, parts, lo, hi, batch):
+                        _encode_shard(codec, parts, shard, lo, hi, batch, A, B)
+                    bar.update((hi - lo) * workers.world_size)
+        sidecar = {**meta, "rows": n}
+        with workers.synced("merging the shards"):
+            if workers.is_main:
+                sidecar = _write_codes_file(path, meta, n, lambda out: _fill_from_shards(out, work, shard_rows))
+                shutil.rmtree(work)
+    log.info("wrote %d codes of %d bytes to %s", n, codec.code_size, path)
+    return {**sidecar, "shape": [n, codec.n_codes]}
+
+
+def _check_encoding(codec: QincoCodec, x, path, shard_rows: int) -> tuple[list[np.ndarray], Path, dict]:
+    """The input parts, the codes file's path (its folder made) and the codes' metadata."""
     cfg = codec._model().cfg
     parts = _parts(x, cfg.D)
     path = Path(path)
@@ -144,38 +222,17 @@ def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress:
     if shard_rows < 1:
         raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = sum(len(p) for p in parts)
     meta = {"K": cfg.K, "M": cfg.M, "D": cfg.D, "ivf_K": cfg.ivf_K, "model_sha": model_sha(codec)}
-    work = path.parent / f".{path.name}.parts"
-    _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B, "format": FORMAT_VERSION,
-                          "data": _fingerprint(parts, n)}, workers)
-    shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
-    with tqdm(total=n, unit="vec", desc=f"encode {path.name}", disable=not (progress and workers.is_main)) as bar:
-        for i in shards:
-            lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
-            shard = work / f"shard-{i:07d}.npy"
-            if _shard_bytes(shard) is None:
-                packed = [codec.encode(_rows(parts, a, min(a + batch, hi)), A=A, B=B, batch_size=batch, packed=True)
-                          for a in range(lo, hi, batch)]
-                _write_shard(shard, np.concatenate(packed))
-            bar.update((hi - lo) * workers.world_size)
-    workers.barrier()
-    sidecar = {**meta, "rows": n}
-    if workers.is_main:
-        sidecar = _write_codes_file(path, meta, n, lambda out: _fill_from_shards(out, work, shard_rows))
-        shutil.rmtree(work)
-    workers.barrier()
-    log.info("wrote %d codes of %d bytes to %s", n, codec.code_size, path)
-    return {**sidecar, "shape": [n, codec.n_codes]}
+    return parts, path, meta
 
 
 def _fill_from_shards(out_NC: np.ndarray, work: Path, shard_rows: int) -> None:
     for i in range(-(-len(out_NC) // shard_rows)):
         shard = work / f"shard-{i:07d}.npy"
-        data = _shard_bytes(shard)
-        if data is None:
+        done = _shard_bytes(shard)
+        if done is None:
             raise DatasetError(f"shard {shard} is missing or corrupt; run the same command again")
-        out_NC[i * shard_rows:(i + 1) * shard_rows] = np.load(io.BytesIO(data))
+        out_NC[i * shard_rows:(i + 1) * shard_rows] = np.load(io.BytesIO(done[0]))
 
 
 def _write_codes_file(path: Path, meta: dict, n: int, fill) -> dict:

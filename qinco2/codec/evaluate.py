@@ -2,7 +2,8 @@
 R@k, a faiss residual-quantizer baseline, and the demo run on the synthetic set.
 
 These are the calls behind the CLI tasks ``eval``, ``eval_valset``, ``search`` and ``demo``.
-Arrays may be memory-mapped and of any numeric dtype; they are read batch by batch.
+Arrays may be memory-mapped and of any numeric dtype; they are read batch by batch. Empty
+sets are refused, and a row holding NaN or Inf stops the evaluation with its row (and file).
 
 Search ranks the decoded database by ``metric``: ``"l2"`` (smallest distance first) or
 ``"ip"`` (largest inner product first, for inner-product data such as unit-norm text
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from ..datasets import DataLimits, resolve_dataset
 from ..errors import InputError
 from ..metrics import check_metric, code_usage, knn, mse, recall_at
+from ..validation import check_vectors
+from .batches import check_rows_finite, require_rows, row_source
 from .codec import QincoCodec
 
 log = logging.getLogger(__name__)
@@ -34,23 +37,49 @@ DEMO_SETTINGS = dict(M=8, K=256, L=1, de=64, dh=128, A=4, B=4, loop=50_000, batc
                      lr=0.004, epochs=9, ramp_epochs=1, max_epochs=10)
 
 
-def _batches(x: np.ndarray, batch: int, progress: bool, desc: str):
-    """Float32 row blocks of ``x`` with their start index."""
+def _check_set(codec: QincoCodec, x, what: str) -> np.ndarray:
+    """``x`` checked to be vectors of the codec's dimension with at least one row (their
+    values are checked as they are read, by :func:`_batches`)."""
+    x = check_vectors(x, what, codec.dim, dim_owner=f"the codec was trained on D={codec.dim}", finite=False)
+    require_rows(x, what, "evaluation needs at least one vector; check the file and the row limit it is read with")
+    return x
+
+
+def _check_queries(codec: QincoCodec, queries, gt) -> None:
+    """Queries (in memory: checked whole) and their ground truth, one row per query."""
+    _check_set(codec, queries, "queries")
+    check_rows_finite(np.asarray(queries, dtype=np.float32), "queries", row_source(queries))
+    gt = np.asarray(gt)
+    if gt.ndim not in (1, 2) or len(gt) != len(queries):
+        raise InputError(f"gt must hold one row of neighbour ids per query ({len(queries)} rows), got shape "
+                         f"{gt.shape}; pass the ground truth of these queries")
+
+
+def _batches(x: np.ndarray, batch: int, progress: bool, desc: str, what: str = "x"):
+    """Float32 row blocks of ``x`` with their start index, checked for NaN/Inf (after the
+    cast) as they are read: the error names ``what``, the row and the file if any."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise InputError(f"batch must be a whole number >= 1 (rows per batch), got {batch!r}")
+    source = row_source(x)
     for i in tqdm(range(0, len(x), batch), desc=desc, disable=not progress, leave=False):
-        yield i, np.asarray(x[i:i + batch], dtype=np.float32)
+        with np.errstate(over="ignore"):                  # overflow gives Inf, caught below
+            x_nD = np.array(x[i:i + batch], dtype=np.float32)   # a copy: torch wants writable rows
+        check_rows_finite(x_nD, what, source, first_row=i)
+        yield i, x_nD
 
 
-def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes: bool):
-    """Encode ``x`` in batches: codes ``(N, n_codes)`` and the summed squared errors of the
-    decoded prefixes of length 1..n_codes (or of the full code only)."""
+def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes: bool, what: str):
+    """Encode ``x`` (refused when empty) in batches: codes ``(N, n_codes)`` and the summed
+    squared errors of the decoded prefixes of length 1..n_codes (or of the full code only)."""
+    x = _check_set(codec, x, what)
     codes_NM = np.empty((len(x), codec.n_codes), dtype=np.int32)
     lengths = range(1, codec.n_codes + 1) if prefixes else [codec.n_codes]
     totals = np.zeros(len(lengths))
-    for i, x_ND in _batches(x, batch, progress, "encode"):
+    for i, x_ND in _batches(x, batch, progress, "encode", what):
         codes_NM[i:i + len(x_ND)] = codes = codec.encode(x_ND)
         for j, m in enumerate(lengths):
             totals[j] += mse(x_ND, codec.decode(codes[:, :m])) * len(x_ND)
-    return codes_NM, totals / max(len(x), 1)
+    return codes_NM, totals / len(x)
 
 
 def _mse_fields(codec: QincoCodec, codes_NM: np.ndarray, mse_m: np.ndarray, mse_scale: float,
@@ -68,7 +97,7 @@ def evaluate_mse(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, *,
     """MSE of encode+decode (times ``mse_scale``) plus, per step, the fraction of codewords
     used and the entropy (bits) of the code distribution; with ``prefixes`` also
     ``prefix_mse`` as :func:`evaluate_prefixes` gives it, from the same encoding pass."""
-    codes_NM, mse_m = _scan(codec, x, batch, progress, prefixes)
+    codes_NM, mse_m = _scan(codec, x, batch, progress, prefixes, "x")
     return _mse_fields(codec, codes_NM, mse_m, mse_scale, prefixes)
 
 
@@ -76,7 +105,7 @@ def evaluate_prefixes(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, 
                       batch: int = 16_384, progress: bool = False) -> list[float]:
     """MSE of the decoding of the first ``m`` codes, for ``m = 1 .. n_codes`` (the model
     is trained so that every prefix is a usable lower-rate code)."""
-    return (_scan(codec, x, batch, progress, True)[1] * mse_scale).tolist()
+    return (_scan(codec, x, batch, progress, True, "x")[1] * mse_scale).tolist()
 
 
 def _search_metrics(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks,
@@ -102,8 +131,10 @@ def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: 
     (first column of ``gt``) is among the k best decoded vectors by ``metric`` ("l2" or
     "ip", see :func:`qinco2.metrics.knn`)."""
     check_metric(metric)
+    _check_queries(codec, queries, gt)
+    db = _check_set(codec, db, "db")
     xhat_ND = np.empty((len(db), codec.dim), dtype=np.float32)
-    for i, x_ND in _batches(db, batch, progress, "encode db"):
+    for i, x_ND in _batches(db, batch, progress, "encode db", "db"):
         xhat_ND[i:i + len(x_ND)] = codec.decode(codec.encode(x_ND))
     return _search_fields(xhat_ND, queries, gt, ks, metric)
 
@@ -114,7 +145,9 @@ def evaluate_codec(codec: QincoCodec, db: np.ndarray, mse_scale: float = 1.0,
     """:func:`evaluate_mse` with prefixes and, when ``queries`` and ``gt`` are given,
     :func:`evaluate_search` by ``metric``, from one encoding pass over ``db``."""
     check_metric(metric)
-    codes_NM, mse_m = _scan(codec, db, batch, progress, True)
+    if queries is not None and gt is not None:
+        _check_queries(codec, queries, gt)
+    codes_NM, mse_m = _scan(codec, db, batch, progress, True, "db")
     out = _mse_fields(codec, codes_NM, mse_m, mse_scale, True)
     if queries is None or gt is None:
         return out
@@ -134,6 +167,9 @@ def compare_with_rq(x_train: np.ndarray, x_db: np.ndarray, queries: np.ndarray, 
     if 1 << nbits != K:
         raise InputError(f"the RQ baseline needs K a power of two (K = 2**nbits), got K={K}")
     check_metric(metric)
+    for what, x in (("x_train", x_train), ("x_db", x_db), ("queries", queries)):
+        require_rows(x, what, f"the RQ baseline needs at least one {what} vector")
+        check_rows_finite(np.asarray(x, dtype=np.float32), what, row_source(x))
     x_train = np.ascontiguousarray(x_train, dtype=np.float32)
     x_db = np.ascontiguousarray(x_db, dtype=np.float32)
     rq = faiss.ResidualQuantizer(x_train.shape[1], M, nbits)

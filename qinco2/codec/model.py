@@ -72,6 +72,29 @@ class ModelConfig:
                               f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls(**{**PRESETS[name], **overrides}).validated()
 
+    @classmethod
+    def from_dict(cls, fields) -> "ModelConfig":
+        """The config stored in a model file, checked: known fields only, each of its type
+        (an integer, ``de`` also None; a bool for the flags), values as :meth:`validated`
+        and ``D >= 1``, ``ivf_K >= 0``; else :class:`ConfigError` saying which."""
+        if not isinstance(fields, dict):
+            raise ConfigError(f"the model config must be a dict of fields, got {type(fields).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(map(str, set(fields) - set(known)))
+        if unknown:
+            raise ConfigError(f"unknown model field(s) {unknown}; valid: {list(known)}")
+        for key, value in fields.items():
+            flag = isinstance(known[key].default, bool)
+            ok = (isinstance(value, bool) if flag else
+                  (isinstance(value, int) and not isinstance(value, bool)) or (key == "de" and value is None))
+            if not ok:
+                kind = "a bool" if flag else "an integer" + (" or None" if key == "de" else "")
+                raise ConfigError(f"model field {key} must be {kind}, got {value!r}")
+        cfg = cls(**fields).validated()
+        if cfg.D < 1 or cfg.ivf_K < 0:
+            raise ConfigError(f"need D >= 1 and ivf_K >= 0, got D={cfg.D} ivf_K={cfg.ivf_K}")
+        return cfg
+
     def validated(self) -> "ModelConfig":
         for key in ("M", "K", "dh"):
             if getattr(self, key) < 1:
@@ -260,6 +283,17 @@ class QincoModel(nn.Module):
                 guess = prev.detach() + step.preselector[codes_NM[:, m]]
                 loss_pre = loss_pre + F.mse_loss(guess, u_ND)
         return loss_rec, loss_pre
+
+
+def state_dict_problems(model: nn.Module, state: dict) -> list[str]:
+    """What keeps ``state`` from loading into ``model`` (strict keys): missing and unexpected
+    weights, and weights of another shape; empty when it loads."""
+    expected = model.state_dict()
+    problems = [f"missing weight {k}" for k in expected if k not in state]
+    problems += [f"unexpected weight {k}" for k in state if k not in expected]
+    problems += [f"weight {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    return problems
 
 
 def count_parameters(model: nn.Module) -> int:

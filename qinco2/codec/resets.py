@@ -17,6 +17,7 @@ residual: the pre-selector never proposes them and they die again.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..distributed import Workers
@@ -31,6 +32,24 @@ def reset_after_batch(i: int, n_batches: int, every: int) -> bool:
     the epoch is shorter), ending with the epoch; ``every <= 0`` means once per epoch."""
     n_seg = max(1, n_batches // every) if every > 0 else 1
     return (i + 1) * n_seg // n_batches > i * n_seg // n_batches
+
+
+def reset_unused_codewords(model: QincoModel, usage: list[torch.Tensor | None], u_ND: torch.Tensor,
+                           codes_NM: torch.Tensor, resets: list[int], *, seed_key: list[int],
+                           opt: torch.optim.Optimizer | None = None, workers: Workers = Workers()) -> None:
+    """Reset the codewords no process used since the last reset (the same ones, to the same
+    rows, everywhere; draws seeded by ``seed_key``), add the counts to ``resets`` and restart
+    the usage counts."""
+    for used in usage:
+        if used is not None:
+            workers.all_reduce_(used, "sum")
+    seed = np.random.SeedSequence(seed_key).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = reset_dead_codewords(model, usage, u_ND, codes_NM, gen, opt, workers)
+    for m, used in enumerate(usage):
+        resets[m] += counts[m]
+        if used is not None:
+            used.zero_()
 
 
 @torch.no_grad()

@@ -9,7 +9,23 @@ import numpy as np
 import torch
 
 from ..kmeans import kmeans
+from .batches import TRAIN_FIX, check_rows_finite, require_rows, row_source
 from .model import QincoModel
+
+
+def initialize(model: QincoModel, cfg, x_train: np.ndarray) -> None:
+    """Fresh-run initialisation from a :class:`~qinco2.codec.train.TrainConfig`: normalisation
+    statistics, then RQ codebooks, from the first ``cfg.init_samples`` rows of ``x_train``,
+    checked for NaN/Inf as they are read (after the cast to float32)."""
+    require_rows(x_train, "x_train", TRAIN_FIX)
+    with np.errstate(over="ignore"):                      # overflow gives Inf, caught below
+        x_init = np.asarray(x_train[:cfg.init_samples], dtype=np.float32)
+    check_rows_finite(x_init, "x_train", row_source(x_train))
+    fit_normalization(model, x_init, cfg.normalization)
+    if model.steps[0].frozen:
+        ivf = model.steps[0].codebook
+        ivf.copy_((ivf - model.mean) / model.scale)
+    rq_initialize(model, x_init, cfg.init_noise, cfg.seed)
 
 
 def fit_normalization(model: QincoModel, x_init: np.ndarray, how: str) -> None:

@@ -1,5 +1,6 @@
-"""Training: initialisation (see :mod:`.rq_init`), the two-pass optimisation loop, schedules,
-codeword resets, validation, best-model checkpoints and resume."""
+"""Training: the two-pass optimisation loop, schedules, codeword resets (:mod:`.resets`),
+validation, best-model checkpoints and resume; the initialisation is in :mod:`.rq_init`, the
+reading of the training and validation rows in :mod:`.batches`."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from tqdm.auto import tqdm
 from ..checkpoint import save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError
-from .batches import epoch_batches, epoch_length
+from .batches import TRAIN_FIX, VAL_FIX, epoch_batches, epoch_length, require_rows
+from .batches import validation_mse as validation_mse
 from .encode import encode
 from .model import QincoModel
-from .resets import reset_after_batch, reset_dead_codewords
-from .rq_init import fit_normalization, rq_initialize
+from .resets import reset_after_batch, reset_unused_codewords
+from .rq_init import fit_normalization as fit_normalization
+from .rq_init import initialize as initialize
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,13 @@ class TrainConfig:
         return cls(**{**PRESET_TRAINING[name], **overrides}).validated()
 
     def validated(self) -> "TrainConfig":
+        """``self``, or :class:`ConfigError` naming the first setting out of its range."""
+        for name, rule in _RANGES.items():
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL) and not _in_range(value, rule):
+                kind = "whole number" if rule.startswith("int") else "number"
+                raise ConfigError(f"training setting {name}={value!r} is invalid; {name} must be a {kind} "
+                                  f"{rule.removeprefix('int ')}{' (or None)' * (name in _OPTIONAL)}")
         if self.optimizer not in ("adamw", "adam"):
             raise ConfigError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "plateau"):
@@ -76,9 +86,23 @@ class TrainConfig:
             raise ConfigError(f"normalization must be 'mean_std' or 'max_abs', got {self.normalization!r}")
         if self.time_schedule and not self.max_time_s:
             raise ConfigError("time_schedule=true needs a time budget: set max_time_s")
-        if self.batch < 1 or self.grad_accumulate < 1 or self.loop < 1:
-            raise ConfigError("batch, grad_accumulate and loop must be >= 1")
         return self
+
+
+# the range of each numeric setting ("int": a whole number); those of _OPTIONAL may be None
+_RANGES = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "batch": "int >= 1",
+           "grad_accumulate": "int >= 1", "epochs": "int >= 1", "ramp_epochs": "int >= 0",
+           "lr_min_factor": ">= 0", "patience": "int >= 1", "loop": "int >= 1", "init_noise": ">= 0",
+           "init_samples": "int >= 1", "seed": "int >= 0", "max_time_s": "> 0", "max_epochs": "int >= 1"}
+_OPTIONAL = {"grad_clip", "max_time_s", "max_epochs"}
+
+
+def _in_range(value, rule: str) -> bool:
+    *whole, op, bound = rule.split()
+    types = (int, np.integer) if whole else (int, float, np.integer, np.floating)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, types) or not math.isfinite(value):
+        return False
+    return value > float(bound) if op == ">" else value >= float(bound)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -95,26 +119,6 @@ def make_optimizer(model: QincoModel, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def validation_mse(model: QincoModel, x_val: np.ndarray, *, A: int, B: int, mse_scale: float,
-                   batch: int = 4096, workers: Workers = Workers()) -> float:
-    """Raw-space MSE (sum over dims, mean over vectors) times ``mse_scale``; with several
-    processes each takes a contiguous share of the rows and the sums are reduced."""
-    device = model.mean.device
-    share = -(-len(x_val) // workers.world_size)
-    lo, hi = workers.rank * share, min(len(x_val), (workers.rank + 1) * share)
-    total, n = 0.0, 0
-    for i in range(lo, hi, batch):
-        x = torch.from_numpy(np.array(x_val[i:min(i + batch, hi)], dtype=np.float32)).to(device)
-        _, xhat = encode(model, model.normalize(x), A=A, B=B)
-        total += ((model.denormalize(xhat) - x) ** 2).sum(dtype=torch.float64).item()
-        n += len(x)
-    sums = workers.all_reduce_(torch.tensor([total, n], dtype=torch.float64, device=device))
-    return float(sums[0] / max(float(sums[1]), 1.0)) * mse_scale
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -169,14 +173,14 @@ def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, devi
 def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     """One epoch of two-pass steps on this process's batches; gradients are averaged over
     the processes; dead codewords are reset along the way (:mod:`.resets`). Returns (mean
-    loss, codewords reset per step, out_of_time)."""
+    loss, codewords reset per step, out_of_time). A NaN or Inf loss stops the run before
+    its gradients are used (:func:`_diverged`)."""
     model, cfg, state, opt, workers = run.model, run.cfg, run.state, run.opt, run.workers
     device, mcfg = model.mean.device, model.cfg
     rng = np.random.default_rng([cfg.seed, state.epoch])
     n_batches = bar.total
     usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
     use_amp = cfg.amp and device.type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
@@ -188,21 +192,16 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
                 used += torch.bincount(codes[:, m], minlength=used.numel())
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             loss_rec, loss_pre = model.losses(u, codes)
+        losses.append(loss_rec.item() + loss_pre.item())
+        _check_loss(run, losses[-1], i, n_batches)
         run.scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
         spent = _time_spent(cfg, deadline, workers, device)
         if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
-            _set_lr(opt, _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent))
-            workers.mean_grads_(params)
-            run.scaler.unscale_(opt)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
-            run.scaler.step(opt)
-            run.scaler.update()
-            opt.zero_grad(set_to_none=True)
+            _optimizer_step(run, _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent))
         if cfg.codeword_reset and reset_after_batch(i, n_batches, cfg.reset_every):
-            _reset_codewords(run, i, usage, u, codes, resets)
+            reset_unused_codewords(model, usage, u, codes, resets, seed_key=[cfg.seed, state.epoch, i],
+                                   opt=opt, workers=workers)
         state.step += 1
-        losses.append(loss_rec.item() + loss_pre.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{state.best_mse:.5g}")
         if run.writer is not None:
@@ -216,27 +215,56 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     return float(loss[0]), resets, out_of_time
 
 
-def _reset_codewords(run: _Run, i: int, usage: list, u_ND, codes_NM, resets: list) -> None:
-    """Reset the codewords no process used since the last reset (the same ones, to the same
-    rows, everywhere), add the counts to ``resets`` and restart the usage counts."""
-    for used in usage:
-        if used is not None:
-            run.workers.all_reduce_(used, "sum")
-    seed = np.random.SeedSequence([run.cfg.seed, run.state.epoch, i]).generate_state(1)[0]
-    gen = torch.Generator().manual_seed(int(seed))
-    counts = reset_dead_codewords(run.model, usage, u_ND, codes_NM, gen, run.opt, run.workers)
-    for m, used in enumerate(usage):
-        resets[m] += counts[m]
-        if used is not None:
-            used.zero_()
+def _optimizer_step(run: _Run, lr: float | None) -> None:
+    """Average the gradients over the processes, clip them and take one optimizer step."""
+    _set_lr(run.opt, lr)
+    run.workers.mean_grads_([p for p in run.model.parameters() if p.requires_grad])
+    run.scaler.unscale_(run.opt)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_value_(run.model.parameters(), run.cfg.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
 
 
-def _should_stop(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> bool:
+def _check_loss(run: _Run, loss: float, i: int, n_batches: int) -> None:
+    """:func:`_diverged` when the loss of batch ``i`` is NaN or Inf on any process."""
+    bad = not math.isfinite(loss)
+    if run.workers.distributed:
+        flag = torch.tensor([float(bad)], device=run.model.mean.device)
+        bad = float(run.workers.all_reduce_(flag, "max")[0]) > 0
+    if bad:
+        raise _diverged(run, f"the training loss is {loss} at epoch {run.state.epoch}, step {run.state.step} "
+                             f"(batch {i + 1} of {n_batches})")
+
+
+def _diverged(run: _Run, what: str) -> ConfigError:
+    """The error that stops a diverged run, once the model holds its best weights so far
+    (the model file, written after each epoch only, keeps the best model written)."""
+    run.model.load_state_dict(run.best_weights)
+    if run.writer is not None:
+        run.writer.close()
+    state, lr = run.state, run.cfg.lr
+    best = "the initialisation" if state.best_epoch < 0 else f"epoch {state.best_epoch}"
+    return ConfigError(f"training diverged: {what}. The model was reset to its best weights so far ({best}, "
+                       f"validation MSE {state.best_mse:.6g}); a model file keeps the last best model written; "
+                       f"retrain with a lower learning rate (lr={lr:g} now, try lr={lr / 10:g}) or look for "
+                       "extreme values in the data")
+
+
+def _stop_reason(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> str | None:
+    """Why the run ends after epoch ``finished_epoch``; None: it goes on."""
+    if cfg.max_epochs is not None and finished_epoch + 1 >= cfg.max_epochs:
+        return f"it reached max_epochs={cfg.max_epochs}; raise max_epochs to train more"
     if finished_epoch - state.best_epoch > cfg.patience:
-        return True
+        return (f"it stopped early: no better validation MSE for patience={cfg.patience} epochs after "
+                f"epoch {state.best_epoch}; raise patience to train more")
     if cfg.scheduler == "cosine" and not cfg.time_schedule and finished_epoch >= cfg.epochs + cfg.patience:
-        return True
-    return cfg.max_epochs is not None and finished_epoch + 1 >= cfg.max_epochs
+        return (f"its cosine schedule is over (epochs={cfg.epochs} plus patience={cfg.patience}); "
+                "raise epochs to train more")
+    if cfg.max_time_s and state.elapsed_s >= cfg.max_time_s:
+        return f"its time budget max_time_s={cfg.max_time_s:g} is spent; raise max_time_s to train more"
+    return None
 
 
 def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
@@ -248,17 +276,32 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     ``output``: after every epoch, the best weights so far and the full state of the run (the
     current weights, optimizer, schedule, counters) are written there atomically, so that a
     killed run continues with ``resume`` = the file's ``training`` part from the end of its
-    last epoch; all randomness is derived from ``cfg.seed`` and the epoch number.
+    last epoch; all randomness is derived from ``cfg.seed`` and the epoch number. A resumed
+    run that had already finished (max_epochs, early stop, time budget) trains nothing more.
     ``model`` must already be initialised (:func:`initialize`) unless resuming.
     ``workers``: data-parallel processes (each runs its share of every epoch's batches;
     gradients, statistics and validation are reduced; only rank 0 writes and logs).
-    """
+
+    Empty sets and NaN/Inf rows (checked as they are read) raise :class:`InputError`; a NaN
+    or Inf loss or validation MSE a :class:`ConfigError`, the model holding its best weights
+    so far and ``output`` its last best model."""
+    cfg.validated()
+    require_rows(x_train, "x_train", TRAIN_FIX)
+    require_rows(x_val, "x_val", VAL_FIX)
     run = _start_run(model, cfg, resume, workers)
     state, mcfg = run.state, model.cfg
+    done = _stop_reason(cfg, state, state.epoch - 1) if resume is not None and state.epoch > 0 else None
+    if done is not None:
+        if workers.is_main:
+            log.warning("nothing more was trained: the resumed run had already ended after epoch %d, as %s",
+                        state.epoch - 1, done)
+        return _finish(run)
     if state.init_mse is None:
         state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         state.best_mse = state.init_mse                 # the initialisation is the model to beat
         _info(workers, "validation MSE after initialisation: %.6g", state.init_mse)
+        if not math.isfinite(state.init_mse):
+            raise _diverged(run, f"the validation MSE of the initialisation is {state.init_mse}")
     start = time.monotonic() - state.elapsed_s
     deadline = start + cfg.max_time_s if cfg.max_time_s else None
     n_batches = epoch_length(len(x_train), cfg.loop, cfg.batch, world_size=workers.world_size,
@@ -272,17 +315,24 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
                   leave=False) as bar:
             loss, resets, out_of_time = _train_epoch(run, x_train, bar, deadline)
         val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
+        if not math.isfinite(val):
+            raise _diverged(run, f"the validation MSE is {val} after epoch {state.epoch}")
         epoch = state.epoch
         state.epoch += 1
         state.elapsed_s = time.monotonic() - start
         _end_epoch(run, epoch, loss, val, resets, output)
-        if out_of_time or _should_stop(cfg, state, epoch):
+        if out_of_time or _stop_reason(cfg, state, epoch):
             break
-    model.load_state_dict(run.best_weights)
+    return _finish(run)
+
+
+def _finish(run: _Run) -> TrainState:
+    """Load the best weights, close the log, wait until the file is complete for everyone."""
+    run.model.load_state_dict(run.best_weights)
     if run.writer is not None:
         run.writer.close()
-    workers.barrier()                                          # the file is complete for everyone
-    return state
+    run.workers.barrier()
+    return run.state
 
 
 def _start_run(model: QincoModel, cfg: TrainConfig, resume: dict | None, workers: Workers) -> _Run:
@@ -348,13 +398,3 @@ def _copy_weights(model: QincoModel) -> dict:
 def _info(workers: Workers, msg: str, *args) -> None:
     if workers.is_main:
         log.info(msg, *args)
-
-
-def initialize(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray) -> None:
-    """Fresh-run initialisation: normalisation statistics, then RQ codebooks."""
-    x_init = np.asarray(x_train[:cfg.init_samples], dtype=np.float32)
-    fit_normalization(model, x_init, cfg.normalization)
-    if model.steps[0].frozen:
-        ivf = model.steps[0].codebook
-        ivf.copy_((ivf - model.mean) / model.scale)
-    rq_initialize(model, x_init, cfg.init_noise, cfg.seed)

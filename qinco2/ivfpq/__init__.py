@@ -11,7 +11,8 @@ and :func:`estimate_memory`.
 """
 
 from ..rerank import refine, refine_with_codec
-from .builder import build, extend, load, save
+from .builder import build, extend
+from .files import load, save
 from .index import Index
 from .memory import estimate_memory
 from .params import IndexParams, SearchParams, default_pq_dim

@@ -1,15 +1,13 @@
-"""Build, extend, save and load an IVF-PQ :class:`~qinco2.ivfpq.index.Index`."""
+"""Build and extend an IVF-PQ :class:`~qinco2.ivfpq.index.Index` (files: :mod:`.files`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import InputError
 from ..kmeans import _distinct_rows, kmeans, progress_bar
 from .index import CHUNK_ROWS, Index, check_vectors, float_rows
@@ -17,7 +15,7 @@ from .params import IndexParams
 
 log = logging.getLogger(__name__)
 
-FORMAT_TAG, FORMAT_VERSION = "qinco2-ivfpq", 1
+INT64_MAX = int(np.iinfo(np.int64).max)
 SAMPLE_DTYPE_COSINE = np.float16      # the normalised k-means sample of a cosine index
 
 
@@ -153,39 +151,56 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
     return index
 
 
+def _check_ids(ids, n: int) -> np.ndarray:
+    """``ids`` as an array of ``n`` integers in ``[0, 2**63)``; InputError naming the first bad
+    one (a negative id would come back as a hit colliding with the -1 "no result" marker, one
+    above 2**63 - 1 would wrap around in the int64 lists)."""
+    ids = np.asarray(ids)
+    if ids.shape != (n,) or ids.dtype.kind not in "iu":
+        raise InputError(f"ids must be {n} integers (one per vector), got shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    if not n:
+        return ids
+    if ids.dtype.kind == "i" and ids.min() < 0:
+        bad = int(np.flatnonzero(ids < 0)[0])
+    elif ids.dtype.kind == "u" and ids.max() > INT64_MAX:
+        bad = int(np.flatnonzero(ids > INT64_MAX)[0])
+    else:
+        return ids
+    raise InputError(f"ids must be in [0, 2**63) (-1 marks 'no result' in search results, and ids are stored "
+                     f"as int64); ids[{bad}] = {ids[bad]}; renumber the vectors with non-negative ids")
+
+
+def _list_counts(index: Index, vectors, progress: bool) -> torch.Tensor:
+    """Vectors per list ``(n_lists,)`` of ``vectors``, assigned ``CHUNK_ROWS`` at a time (a pass
+    of coarse assignment only, about a sixth of the cost of adding)."""
+    counts_L = torch.zeros(index.n_lists, dtype=torch.int64)
+    normalize = index.metric == "cosine"
+    for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ list sizes", disable=not progress, leave=False):
+        list_nos = index.assign(float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize))
+        counts_L += torch.bincount(list_nos.cpu(), minlength=index.n_lists)
+    return counts_L
+
+
 def extend(index: Index, vectors, ids=None, *, progress: bool = False) -> Index:
-    """Add ``vectors`` with int64 ``ids`` (default: continuing ``0, 1, ...`` after the
-    current size) to their lists; returns ``index`` (updated in place)."""
+    """Add ``vectors`` with ``ids`` (integers in ``[0, 2**63)``; default: continuing ``0, 1,
+    ...`` after the current size) to their lists; returns ``index`` (updated in place). Ids
+    are not checked for uniqueness: an id added twice is stored twice, and both vectors can
+    be found (the same id may then appear twice in a result). The index's data fingerprint
+    (:mod:`.fingerprint`) records the added rows for :func:`~qinco2.ivfpq.search_and_refine`."""
     vectors = check_vectors(vectors, "vectors", index.dim)
     if ids is None:
         ids = np.arange(index.size, index.size + len(vectors), dtype=np.int64)
-    ids = np.asarray(ids)
-    if ids.shape != (len(vectors),) or ids.dtype.kind not in "iu":
-        raise InputError(f"ids must be {len(vectors)} integers (one per vector), got shape {ids.shape} "
-                         f"and dtype {ids.dtype}")
+    ids = _check_ids(ids, len(vectors))
     normalize = index.metric == "cosine"
+    if len(vectors) > CHUNK_ROWS:                 # a bulk load: size the lists once, then fill them
+        index.lists.reserve(_list_counts(index, vectors, progress))
     with index.lists.bulk_add():
         for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ add", disable=not progress, leave=False):
             x_ND = float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize)
             list_nos = index.assign(x_ND)
-            index.lists.add(list_nos, index.encode(x_ND, list_nos),
-                            torch.from_numpy(ids[i:i + CHUNK_ROWS].astype(np.int64)))
-    return index
-
-
-def save(filename, index: Index) -> None:
-    """Write ``index`` to one file (format tag and version inside; atomic)."""
-    atomic_torch_save({"format": FORMAT_TAG, "version": FORMAT_VERSION,
-                       "params": dataclasses.asdict(index.params), "dim": index.dim,
-                       "centers": index.centers.cpu(), "rotation_matrix": index.rotation_matrix.cpu(),
-                       "pq_centers": index.pq_centers.cpu(), "lists": index.lists.state_dict()}, filename)
-
-
-def load(filename, *, device=None) -> Index:
-    """An index written by :func:`save`, on ``device`` (default CPU)."""
-    payload = load_tagged(filename, FORMAT_TAG, FORMAT_VERSION, "IVF-PQ index",
-                          "build one with `qinco2 task=ivfpq_build db=<vectors> output=<index file>`")
-    index = Index(IndexParams(**payload["params"]), payload["dim"], payload["centers"],
-                  payload["rotation_matrix"], payload["pq_centers"], _device(device))
-    index.lists.load_state_dict(payload["lists"])
+            ids_n = ids[i:i + CHUNK_ROWS].astype(np.int64)
+            index.lists.add(list_nos, index.encode(x_ND, list_nos), torch.from_numpy(ids_n))
+            if index.fingerprint is not None:
+                index.fingerprint.update(vectors[i:i + CHUNK_ROWS], ids_n)
     return index

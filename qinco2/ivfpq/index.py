@@ -14,6 +14,7 @@ import torch
 from .. import validation
 from ..kmeans import nearest
 from ..packing import pack_codes, unpack_codes
+from .fingerprint import DataFingerprint
 from .lists import InvertedLists
 from .params import IndexParams
 
@@ -41,7 +42,8 @@ class Index:
     ``rot_dim``, ``centers`` ``(n_lists, dim)``, ``pq_centers`` (``(pq_dim, 2^pq_bits,
     pq_len)`` per sub-space or ``(n_lists, 2^pq_bits, pq_len)`` per list),
     ``rotation_matrix`` ``(rot_dim, dim)``, ``list_sizes``; :meth:`list_codes` and
-    :meth:`list_ids` read one list (codes unpacked).
+    :meth:`list_ids` read one list (codes unpacked); ``fingerprint``: the row count and
+    fingerprint of the database the ids point into (:mod:`.fingerprint`).
     """
 
     def __init__(self, params: IndexParams, dim: int, centers, rotation_matrix, pq_centers, device):
@@ -52,6 +54,9 @@ class Index:
         self.centers_rot = self.rotate(self.centers)
         self.lists = InvertedLists(params.n_lists, self.code_bytes, self.device,
                                    params.conservative_memory_allocation)
+        # rows and fingerprint of the database the ids point into; None: unknown (an index
+        # file written before qinco2 recorded them)
+        self.fingerprint: DataFingerprint | None = DataFingerprint()
 
     n_lists = property(lambda self: self.params.n_lists)
     pq_dim = property(lambda self: self.params.pq_dim)

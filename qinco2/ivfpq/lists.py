@@ -87,8 +87,19 @@ class InvertedLists:
             yield self
         finally:
             self.conservative = conservative
-            if conservative:
+            if conservative and not (torch.equal(self.capacity, self.size) and self.end == self.ntotal):
                 self._relayout(self.size.clone())
+
+    def reserve(self, counts_L: torch.Tensor) -> None:
+        """Room for ``counts_L`` more vectors in each list, made in one rewrite: exact sizes for
+        a conservative index, power-of-two capacities otherwise; the adds that follow then move
+        nothing. Peak memory: the old buffers plus the new ones (for an empty index: the final
+        index alone, instead of up to 4x with growth by doubling)."""
+        need = self.size + counts_L.to(torch.int64).cpu()
+        if bool((need <= self.capacity).all()):
+            return
+        capacity = need if self.conservative else torch.where(need > self.capacity, _capacity(need), self.capacity)
+        self._relayout(capacity)
 
     def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
         """Move ``lists`` to new regions of ``capacity`` rows at the end of the buffers."""

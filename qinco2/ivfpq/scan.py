@@ -14,14 +14,19 @@ temporaries (unpacked and decoded rows, scores or gathered table entries) take t
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
+from .. import validation
 from ..errors import InputError
 from ..packing import unpack_codes
 from ..rerank import refine, refine_with_codec
 from .index import Index, check_vectors, float_rows
 from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 LUT8_DTYPE, LUT8_MAX = torch.float8_e4m3fn, 448.0      # lut_dtype="uint8": 8-bit float entries
@@ -294,21 +299,40 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
     return distances, neighbors
 
 
+def _check_database(index: Index, dataset, codes) -> None:
+    """The refinement database has the index's row count and (raw vectors) fingerprint."""
+    fp = index.fingerprint
+    if fp is None:
+        log.warning("this index was saved without the row count and fingerprint of its database (an "
+                    "older qinco2): cannot check that the refinement data are the rows it was built from; "
+                    "rebuild the index to get the check")
+    elif dataset is not None:
+        validation.check_vectors(dataset, "dataset", index.dim, dim_owner=f"the index has dim={index.dim}",
+                                 finite=False)    # rows read by refine are checked there
+        fp.check(dataset)
+    elif isinstance(codes, np.ndarray) and len(codes) != fp.rows:
+        raise InputError(f"the index was built from {fp.rows} rows (fingerprint {fp.digest()}), but codes= "
+                         f"holds {len(codes)} rows; pass the codes of the database the index was built from")
+
+
 def search_and_refine(search_params: SearchParams, index: Index, queries, k: int, *, refine_ratio: float = 2,
                       dataset=None, codec=None, codes=None,
                       workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Search ``k0 = ceil(refine_ratio * k)`` candidates, then keep the best ``k`` by exact
     distances to the raw ``dataset`` rows, or (``codec`` and ``codes``) to the vectors the
-    QINCo2 codec decodes from the database's compact codes. Ids must be dataset rows."""
+    QINCo2 codec decodes from the database's compact codes. Ids must be dataset rows:
+    :class:`InputError` when ``dataset`` has another row count or fingerprint than the
+    database the index was built from (``codes``: another row count)."""
     if (dataset is None) == (codec is None):
         raise InputError("pass either dataset= (raw vectors) or codec= and codes= (QINCo2 codes) to refine with")
     if refine_ratio < 1:
         raise InputError(f"refine_ratio must be >= 1, got {refine_ratio}")
+    if codec is not None and codes is None:
+        raise InputError("codec= needs codes= (the database encoded by that codec, one row per id)")
+    _check_database(index, dataset, codes)
     k0 = min(int(np.ceil(refine_ratio * k)), index.size)
     _, candidates = search(search_params, index, queries, k0, workspace_bytes=workspace_bytes)
     metric = index.metric
     if dataset is not None:
         return refine(dataset, queries, candidates, k, metric=metric)
-    if codes is None:
-        raise InputError("codec= needs codes= (the database encoded by that codec, one row per id)")
     return refine_with_codec(codec, codes, queries, candidates, k, metric=metric)
