@@ -150,6 +150,10 @@ class QincoCodec:
             self.model_ = self._build(payload).to(self.device)
             if "training" not in payload:
                 raise ConfigError(f"{output} holds no training state and cannot be resumed; drop resume=true")
+            if self.model_.cfg.D != D:
+                raise InputError(f"cannot resume {output}: it is a model of D={self.model_.cfg.D} vectors but the "
+                                 f"training data has D={D}; resume with the data it was trained on, or write a "
+                                 "new model (another output=, or overwrite=true)")
             self.model_config = self.model_.cfg
             log.info("resuming from %s at epoch %d", output, payload["training"]["state"]["epoch"])
             return payload["training"]

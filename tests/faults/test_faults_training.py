@@ -239,3 +239,12 @@ def test_resuming_a_run_that_had_ended_trains_nothing_more(tmp_path, x, caplog, 
     assert "nothing more was trained" in caplog.text and ("max_epochs=2" in caplog.text
                                                         or "max_time_s=1e-09" in caplog.text)
     assert np.array_equal(again.encode(x[1000:1200]), first.encode(x[1000:1200]))
+
+
+def test_resuming_on_data_of_another_dimension_is_refused(tmp_path, x):
+    out = tmp_path / "m.pt"
+    _codec().train(x[:1000], x[1000:1200], output=out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(InputError, match=f"model of D={D} vectors but the training data has D={D - 2}"):
+        _codec().train(x[:1000, :-2], x[1000:1200, :-2], output=out, resume=True, progress=False)
+    assert out.read_bytes() == before
