@@ -171,10 +171,9 @@ def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, devi
 
 
 def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
-    """One epoch of two-pass steps on this process's batches; gradients are averaged over
-    the processes; dead codewords are reset along the way (:mod:`.resets`). Returns (mean
-    loss, codewords reset per step, out_of_time). A NaN or Inf loss stops the run before
-    its gradients are used (:func:`_diverged`)."""
+    """One epoch of two-pass steps on this process's batches, gradients averaged over the processes, dead
+    codewords reset (:mod:`.resets`); an error in one process's step stops all (``synced``), a NaN or
+    Inf loss stops the run before its gradients are used. Returns (loss, resets per step, out_of_time)."""
     model, cfg, state, opt, workers = run.model, run.cfg, run.state, run.opt, run.workers
     device, mcfg = model.mean.device, model.cfg
     rng = np.random.default_rng([cfg.seed, state.epoch])
@@ -185,14 +184,15 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):
-        u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
-        codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
-        for m, used in enumerate(usage):
-            if used is not None:
-                used += torch.bincount(codes[:, m], minlength=used.numel())
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss_rec, loss_pre = model.losses(u, codes)
-        losses.append(loss_rec.item() + loss_pre.item())
+        with workers.synced(f"training on batch {i + 1} of epoch {state.epoch}"):    # no collective inside
+            u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
+            codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
+            for m, used in enumerate(usage):
+                if used is not None:
+                    used += torch.bincount(codes[:, m], minlength=used.numel())
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss_rec, loss_pre = model.losses(u, codes)
+            losses.append(loss_rec.item() + loss_pre.item())
         _check_loss(run, losses[-1], i, n_batches)
         run.scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
         spent = _time_spent(cfg, deadline, workers, device)

@@ -206,3 +206,43 @@ def test_a_rank_that_fails_stops_the_other_with_its_error(make_model, x, tmp_pat
     np.testing.assert_array_equal(load_encoded(good)["codes"], QincoCodec.load(tmp_path / "m.pt").encode(x))
     assert not lock_path(good).exists() and not lock_path(bad).exists()
     assert not bad.exists()
+
+
+TRAIN_TWO_RANKS = """\
+import sys
+import numpy as np
+import qinco2.codec.train as train
+from qinco2 import QincoCodec, QincoError
+from qinco2.distributed import Workers, shutdown
+
+workers, _ = Workers.from_environment(cpu=True)
+encode, calls = train.encode, []
+
+def encode_or_fail(*args, **kwargs):           # rank 1 fails at its 3rd training step
+    calls.append(1)
+    if workers.rank == 1 and len(calls) == 3:
+        raise MemoryError("injected failure in rank 1")
+    return encode(*args, **kwargs)
+
+train.encode = encode_or_fail
+x = np.load(sys.argv[1])
+codec = QincoCodec.from_preset("qinco2-S", M=2, K=16, L=1, de=None, dh=16, A=4, B=2, batch=64, loop=640,
+                               epochs=2, max_epochs=2, small_data="keep")
+try:
+    codec.train(x[:1200], x[1200:], progress=False, workers=workers)
+except (QincoError, MemoryError) as exc:
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+shutdown()
+"""
+
+
+def test_a_rank_that_fails_in_training_stops_the_other_with_its_error(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1400, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "job.py").write_text(TRAIN_TWO_RANKS)
+    ranks = _run_two_ranks([str(tmp_path / "job.py"), str(tmp_path / "x.npy")])
+    assert [code for code, _, _ in ranks] == [2, 2], [err[-2000:] for _, _, err in ranks]
+    assert "error: MemoryError: injected failure in rank 1" in ranks[1][2]
+    assert "error: WorkerFailedError: rank 1 of 2 failed while training on batch 3 of epoch 0: MemoryError: " \
+           "injected failure in rank 1" in ranks[0][2], ranks[0][2][-2000:]
