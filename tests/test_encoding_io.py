@@ -200,3 +200,14 @@ def test_shards_of_other_data_are_not_reused(make_model, x, tmp_path, monkeypatc
     monkeypatch.setattr(codec, "encode", encode)
     encode_to_file(codec, x[500:1000], tmp_path / "out.npy", batch=100, shard_rows=100, progress=False)
     np.testing.assert_array_equal(load_encoded(tmp_path / "out.npy")["codes"], codec.encode(x[500:1000]))
+
+
+def test_encoding_a_read_only_memory_map_gives_torch_writable_rows(make_model, x, x_memmap, monkeypatch):
+    """torch warns (once per process) when it wraps read-only memory: the codec copies such rows."""
+    codec = _codec(make_model)
+    assert not x_memmap.flags.writeable
+    as_tensor, seen = torch.as_tensor, []
+    monkeypatch.setattr(torch, "as_tensor", lambda a, *args, **kw: seen.append(
+        getattr(a, "flags", None) is None or a.flags.writeable) or as_tensor(a, *args, **kw))
+    np.testing.assert_array_equal(codec.encode(x_memmap[:100]), codec.encode(x[:100]))
+    assert seen and all(seen)

@@ -103,8 +103,10 @@ class QincoCodec:
         return self.code_layout.code_size
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        """Float32 rows on the device (already validated, NaN/Inf included, by ``check_vectors``)."""
-        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+        """Float32 rows on the device (already validated, NaN/Inf included, by ``check_vectors``);
+        rows of a read-only memory map are copied (torch does not wrap read-only memory)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return torch.as_tensor(x if x.flags.writeable else x.copy(), device=self.device)
 
     # ------------------------------------------------------------------ training
     def train(self, x_train: np.ndarray, x_val: np.ndarray | None = None, *, mse_scale: float = 1.0,
