@@ -332,3 +332,12 @@ def test_conservative_build_rewrites_the_lists_once_not_per_chunk(monkeypatch):
     assert torch.equal(lists.capacity, lists.size) and int(lists.size.sum()) == len(x)
     ivfpq.extend(index, x[:120])                                # a later extend: exact again
     assert torch.equal(lists.capacity, lists.size) and int(lists.size.sum()) == len(x) + 120
+
+
+@pytest.mark.parametrize("given, name", [("float16", "float16"), (np.float16, "float16"), (np.dtype("uint8"), "uint8"),
+                                         (torch.float32, "float32"), (np.uint8, "uint8")])
+def test_search_params_take_dtypes_as_cuvs_users_pass_them(given, name):
+    p = ivfpq.SearchParams(lut_dtype=given, internal_distance_dtype=np.float32 if name == "uint8" else given)
+    assert p.validated().lut_dtype == name
+    with pytest.raises(ConfigError, match="lut_dtype must be one of"):
+        ivfpq.SearchParams(lut_dtype=np.int64).validated()

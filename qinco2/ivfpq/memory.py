@@ -57,7 +57,7 @@ def estimate_memory(n_vectors: int, dim: int, params: IndexParams | None = None,
         "rotation_matrix": FLOAT_BYTES * rot_dim * dim,
     }
     index = sum(parts.values())
-    workspace = search_workspace_bytes(search_params or SearchParams(), k, n_queries=n_queries, n_lists=C,
+    workspace = search_workspace_bytes((search_params or SearchParams()).validated(), k, n_queries=n_queries, n_lists=C,
                                        pq_dim=p.pq_dim, pq_bits=p.pq_bits, rot_dim=rot_dim,
                                        list_rows=-(-n_vectors // C), workspace_bytes=workspace_bytes)
     return {

@@ -80,14 +80,26 @@ class SearchParams:
     def validated(self) -> SearchParams:
         if not isinstance(self.n_probes, (int, np.integer)) or self.n_probes < 1:
             raise ConfigError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
-        if self.lut_dtype not in LUT_DTYPES:
-            raise ConfigError(f"lut_dtype must be one of {list(LUT_DTYPES)}, got {self.lut_dtype!r}")
-        if self.internal_distance_dtype not in DISTANCE_DTYPES:
-            raise ConfigError(f"internal_distance_dtype must be one of {list(DISTANCE_DTYPES)}, "
-                              f"got {self.internal_distance_dtype!r}")
+        lut = _dtype_name(self.lut_dtype, LUT_DTYPES, "lut_dtype")
+        distance = _dtype_name(self.internal_distance_dtype, DISTANCE_DTYPES, "internal_distance_dtype")
         if not 0 <= self.preferred_smem_carveout <= 1:
             raise ConfigError(f"preferred_smem_carveout must be in [0, 1], got {self.preferred_smem_carveout}")
-        return self
+        return dataclasses.replace(self, lut_dtype=lut, internal_distance_dtype=distance)
+
+
+def _dtype_name(dtype, allowed: dict, key: str) -> str:
+    """The name (``"float16"``) of a dtype given as a name, a numpy dtype or type (``np.float16``,
+    as cuVS users pass it) or a torch dtype; ConfigError when it is not one of ``allowed``."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+    if name not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)} (a name, a numpy or a torch dtype), got {dtype!r}")
+    return name
 
 
 def default_pq_dim(dim: int) -> int:
