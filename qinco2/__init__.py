@@ -11,6 +11,7 @@ Layers (imports point down only)::
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, convert_codes, encode_to_file, load_encoded
+from .codec.faiss_export import to_faiss_index_qinco
 from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
 from .errors import ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError, QincoError, VectorFileError
 from .formats import count_vectors, open_vectors, read_vectors, verify_vectors, write_vectors
@@ -21,6 +22,7 @@ __all__ = [
     "Dataset", "DataLimits", "resolve_dataset", "make_synthetic",
     "open_vectors", "read_vectors", "write_vectors", "count_vectors", "verify_vectors",
     "train_ivf_centroids", "assign_to_centroids", "encode_to_file", "load_encoded", "convert_codes",
+    "to_faiss_index_qinco",
     "QincoError", "ConfigError", "DatasetError", "InputError", "ModelFileError",
     "NotTrainedError", "VectorFileError", "__version__",
 ]

@@ -16,90 +16,92 @@ from typing import Any, Optional
 from ..errors import ConfigError
 
 
+def _key(default, doc: str):
+    """A key with its default and its one-line description (``qinco2 task=X help`` prints it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class DataArgs:
     """``ds.*``: row limits of the data splits (see :class:`qinco2.datasets.DataLimits`)."""
 
-    valset: int = 10_000
-    trainset: Optional[int] = None
-    db: Optional[int] = None
-    loop: int = 10_000_000
+    valset: int = _key(10_000, "validation rows, taken from the training split")
+    trainset: Optional[int] = _key(None, "training rows (null = all the rest)")
+    db: Optional[int] = _key(None, "database rows (null = all)")
+    loop: int = _key(10_000_000, "training rows per epoch (a window moving over the training set)")
 
 
 @dataclass
 class CliArgs:
-    """Every key the command line accepts, with its default."""
+    """Every key the command line accepts, with its default and its description."""
 
-    task: Optional[str] = None
-    output: Optional[str] = None       # the file a task writes; never one of its inputs
-    # task=train refuses an existing output= unless resume=true (continue its training) or
-    # overwrite=true (train a new model in its place); task=search resume=true continues a log
-    resume: bool = False
-    overwrite: bool = False
-    model: Optional[str] = None
-    model_args: Optional[str] = None
-    L: Optional[int] = None
-    dh: Optional[int] = None
-    M: Optional[int] = None
-    K: Optional[int] = None
-    A: Optional[int] = None
-    B: Optional[int] = None
-    de: Optional[int] = None
-    db: Optional[str] = None
-    trainset: Optional[str] = None
-    queries: Optional[str] = None
-    queries_gt: Optional[str] = None
-    ivf_centroids: Optional[str] = None
-    ivf_K: Optional[int] = None
-    niter: int = 100                   # task=ivf_centroids: k-means iterations
-    encoded_trainset: Optional[str] = None
-    encoded_db: Optional[str] = None
-    encode_trainset: bool = False
-    shard_rows: int = 65_536
-    index: Optional[str] = None
-    pairwise_decoder: Optional[str] = None
-    n_pairs_per_step: float = 2
-    nprobe: Any = None
-    quantizer_efSearch: Any = None
-    nshort: Any = None
-    nmid_short: Any = None
-    # metric: eval/search rank decoded vectors by l2 or ip (null = the data set's metric);
-    # task=ivfpq_* take the cuVS names sqeuclidean, inner_product, cosine (null = sqeuclidean)
-    metric: Optional[str] = None
+    task: Optional[str] = _key(None, "the task to run (`qinco2 --help` lists them)")
+    output: Optional[str] = _key(None, "the file the task writes; never one of its inputs")
+    resume: bool = _key(False, "train: continue the training saved in output=; search: continue its log")
+    overwrite: bool = _key(False, "train: replace an existing output= by a new model")
+    model: Optional[str] = _key(None, "a trained QINCo2 model file (train: start from it)")
+    model_args: Optional[str] = _key(None, "the architecture preset, e.g. qinco2-S (null = qinco2-S)")
+    L: Optional[int] = _key(None, "residual blocks per step (null = the preset's)")
+    dh: Optional[int] = _key(None, "hidden dimension of the residual blocks (null = the preset's)")
+    M: Optional[int] = _key(None, "codes per vector (null = the preset's)")
+    K: Optional[int] = _key(None, "codebook size of each step (null = the preset's)")
+    A: Optional[int] = _key(None, "encoding: candidates pre-selected per step (0 = no pre-selection)")
+    B: Optional[int] = _key(None, "encoding: beam size (1 = greedy)")
+    de: Optional[int] = _key(None, "embedding dimension (0 or null = D, no projection)")
+    db: Optional[str] = _key(None, "the data set: a name (sift-photos, synthetic, ...) or a database vectors file")
+    trainset: Optional[str] = _key(None, "a training vectors file (null = the data set's)")
+    queries: Optional[str] = _key(None, "a query vectors file (null = the data set's)")
+    queries_gt: Optional[str] = _key(None, "the queries' ground-truth neighbours file (null = the data set's)")
+    ivf_centroids: Optional[str] = _key(None, "IVF centroids file, from task=ivf_centroids")
+    ivf_K: Optional[int] = _key(None, "number of IVF centroids")
+    niter: int = _key(100, "k-means iterations")
+    encoded_trainset: Optional[str] = _key(None, "codes of the training split, from task=encode encode_trainset=true")
+    encoded_db: Optional[str] = _key(None, "codes of the database, from task=encode")
+    encode_trainset: bool = _key(False, "encode the training split (training then validation rows), not the database")
+    shard_rows: int = _key(65_536, "rows encoded per shard of the codes file")
+    index: Optional[str] = _key(None, "index file (search: from task=build_index; ivfpq_search: from ivfpq_build)")
+    pairwise_decoder: Optional[str] = _key(None, "pairwise decoder file, from task=train_pairwise_decoder")
+    n_pairs_per_step: float = _key(2, "pairwise decoder: code-table pairs added per step")
+    nprobe: Any = _key(None, "IVF lists scanned per query; one value or a list (null = the pipeline's grid)")
+    quantizer_efSearch: Any = _key(None, "HNSW breadth of the coarse quantizer; one value or a list")
+    nshort: Any = _key(None, "candidates decoded with QINCo2 and re-ranked; one value or a list")
+    nmid_short: Any = _key(None, "pairwise-decoder stage keeps nmid_short * nshort candidates; value or list")
+    metric: Optional[str] = _key(None, "eval/search: l2 or ip (null = the data set's); ivfpq_build: "
+                                       "sqeuclidean, inner_product or cosine (null = sqeuclidean)")
     # IVF-PQ keys: null = the default of qinco2.ivfpq.IndexParams / SearchParams (cuVS's)
-    n_lists: Optional[int] = None
-    kmeans_n_iters: Optional[int] = None
-    kmeans_trainset_fraction: Optional[float] = None
-    pq_bits: Optional[int] = None
-    pq_dim: Optional[int] = None
-    codebook_kind: Optional[str] = None
-    force_random_rotation: Optional[bool] = None
-    conservative_memory_allocation: Optional[bool] = None
-    add_data_on_build: Optional[bool] = None
-    max_train_points_per_pq_code: Optional[int] = None
-    n_probes: Any = None
-    lut_dtype: Optional[str] = None
-    internal_distance_dtype: Optional[str] = None
-    preferred_smem_carveout: Optional[float] = None
-    k: int = 10
-    refine: Optional[str] = None
-    refine_ratio: float = 1.0
+    n_lists: Optional[int] = _key(None, "IVF lists of the index (null = cuVS's default)")
+    kmeans_n_iters: Optional[int] = _key(None, "k-means iterations of the IVF lists (null = cuVS's default)")
+    kmeans_trainset_fraction: Optional[float] = _key(None, "fraction of the database k-means trains on")
+    pq_bits: Optional[int] = _key(None, "bits per PQ code (null = cuVS's default)")
+    pq_dim: Optional[int] = _key(None, "PQ codes per vector (null = cuVS's choice)")
+    codebook_kind: Optional[str] = _key(None, "subspace | cluster: one PQ codebook per subspace or per list")
+    force_random_rotation: Optional[bool] = _key(None, "rotate the vectors randomly before PQ")
+    conservative_memory_allocation: Optional[bool] = _key(None, "cuVS: grow the lists in small steps")
+    add_data_on_build: Optional[bool] = _key(None, "add the database to the index when building it")
+    max_train_points_per_pq_code: Optional[int] = _key(None, "PQ training rows per code (null = cuVS's default)")
+    n_probes: Any = _key(None, "IVF lists scanned per query; one value or a list (null = cuVS's default)")
+    lut_dtype: Optional[str] = _key(None, "dtype of the lookup tables (null = cuVS's default)")
+    internal_distance_dtype: Optional[str] = _key(None, "dtype of the distances (null = cuVS's default)")
+    preferred_smem_carveout: Optional[float] = _key(None, "cuVS: shared-memory carveout fraction")
+    k: int = _key(10, "neighbours returned per query")
+    refine: Optional[str] = _key(None, "re-rank the candidates: raw (exact vectors) or codec (model= and encoded_db=)")
+    refine_ratio: float = _key(1.0, "candidates re-ranked per neighbour (needs refine=)")
     ds: DataArgs = field(default_factory=DataArgs)
-    lr: float = 0.0008
-    batch: int = 1024
-    epochs: int = 60
-    max_epochs: Optional[int] = None
-    grad_accumulate: int = 1
-    grad_clip: Optional[float] = 0.1
-    verbose: bool = True
-    tensorboard: Optional[str] = None
-    cpu: bool = False
-    seed: int = 0
-    max_time_s: Optional[float] = None
-    time_schedule: bool = False
-    small_data: str = "adapt"          # adapt | keep: shrink the network for a small training set
-    threads: Optional[int] = None
-    data_root: Optional[str] = None
+    lr: float = _key(0.0008, "learning rate")
+    batch: int = _key(1024, "training batch size")
+    epochs: int = _key(60, "length of the learning-rate schedule, in epochs")
+    max_epochs: Optional[int] = _key(None, "stop after this many epochs (null = epochs)")
+    grad_accumulate: int = _key(1, "batches accumulated per optimizer step")
+    grad_clip: Optional[float] = _key(0.1, "element-wise gradient clipping (null = none)")
+    verbose: bool = _key(True, "log progress")
+    tensorboard: Optional[str] = _key(None, "folder of TensorBoard logs (null = none)")
+    cpu: bool = _key(False, "run on the CPU even when a GPU is there")
+    seed: int = _key(0, "random seed")
+    max_time_s: Optional[float] = _key(None, "wall-clock budget of the training, seconds")
+    time_schedule: bool = _key(False, "spread warm-up and cosine schedule over max_time_s, not over epochs")
+    small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
+    threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
+    data_root: Optional[str] = _key(None, "folder of the named data sets (null = $QINCO2_DATA, ./data, ...)")
 
 
 DEMO_OUTPUT = "qinco2-demo.pt"      # task=demo without output=
@@ -118,6 +120,13 @@ def leaf_keys(cls=CliArgs, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + name)
     return keys
+
+
+def key_doc(dotted: str, cls=CliArgs) -> str:
+    """The one-line description of a dotted key, from the field metadata of :class:`CliArgs`."""
+    head, _, rest = dotted.partition(".")
+    f = {f.name: f for f in dataclasses.fields(cls)}[head]
+    return key_doc(rest, typing.get_type_hints(cls)[head]) if rest else f.metadata.get("doc", "")
 
 
 def default_value(args: CliArgs, dotted: str):

@@ -21,11 +21,9 @@ from ..atomic import atomic_open
 from ..errors import ConfigError, InputError
 from .common import data_limits, json_safe, load_codec, open_dataset, print_table, require
 from .config import CliArgs
+from .keys import IVFPQ_INDEX_KEYS as INDEX_KEYS
+from .keys import IVFPQ_SEARCH_KEYS as SEARCH_KEYS
 
-INDEX_KEYS = ("n_lists", "metric", "kmeans_n_iters", "kmeans_trainset_fraction", "pq_bits",
-              "pq_dim", "codebook_kind", "force_random_rotation", "conservative_memory_allocation",
-              "add_data_on_build", "max_train_points_per_pq_code", "seed")
-SEARCH_KEYS = ("lut_dtype", "internal_distance_dtype", "preferred_smem_carveout")
 REFINE_KINDS = ("raw", "codec")
 
 

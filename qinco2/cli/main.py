@@ -5,8 +5,9 @@ The keys are those of :class:`qinco2.cli.config.CliArgs`. Each task (in
 :mod:`~qinco2.cli.codec_tasks`, :mod:`~qinco2.cli.ivfsearch_tasks`,
 :mod:`~qinco2.cli.ivfpq_tasks`) parses, calls the library and prints an aligned table;
 :func:`main` then prints one ``RESULT {json}`` line for scripts (strict JSON: a NaN or an
-infinity is written ``null``). Before a task starts, :func:`~qinco2.cli.task_files.check_task_files`
-checks the files it will write.
+infinity is written ``null``). Before a task starts, :func:`~qinco2.cli.keys.check_task_keys`
+refuses keys it does not read and :func:`~qinco2.cli.task_files.check_task_files` checks the files
+it will write. ``qinco2 --help`` lists the tasks, ``qinco2 task=X help`` the keys task X reads.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from ..errors import ConfigError, QincoError
 from . import codec_tasks, ivfpq_tasks, ivfsearch_tasks
 from .common import format_value, launched_rank, print_result
 from .config import CliArgs, default_value, did_you_mean, leaf_keys, parse_args
+from .keys import TASKS_HELP, check_task_keys, task_help, tasks_overview
 from .task_files import check_task_files
 
-__all__ = ["TASKS", "main", "parse_args", "run", "usage"]
+__all__ = ["TASKS", "help_text", "main", "parse_args", "run", "usage"]
+HELP_WORDS = ("-h", "--help", "help")
 
 
 def task_search(args: CliArgs, given: set[str], device: str) -> dict:
@@ -37,14 +40,27 @@ TASKS = {"train": codec_tasks.task_train, "eval": codec_tasks.task_eval,
          "build_index": ivfsearch_tasks.task_build_index,
          "ivfpq_build": ivfpq_tasks.task_ivfpq_build, "ivfpq_search": ivfpq_tasks.task_ivfpq_search,
          "demo": codec_tasks.task_demo}
+assert set(TASKS) == set(TASKS_HELP), "every task has its keys in qinco2.cli.keys"
 
 
 def usage() -> str:
+    """``qinco2 --help``: the tasks, one line each, then every key with its default."""
     defaults = CliArgs()
     keys = ", ".join(f"{k}={format_value(default_value(defaults, k))}"
                      for k in leaf_keys() if k != "task")
-    return (f"usage: qinco2 task=<task> [key=value ...]\n  tasks: {', '.join(TASKS)}\n"
-            f"  keys and defaults: {keys}")
+    return (f"usage: qinco2 task=<task> [key=value ...]\n{tasks_overview()}\n"
+            f"all keys and defaults: {keys}")
+
+
+def help_text(argv: list[str]) -> str:
+    """The help ``argv`` asks for: ``task=X help`` for task X, else :func:`usage`."""
+    tasks = [a.partition("=")[2].strip() for a in argv if a.partition("=")[0].strip() == "task"]
+    if not tasks:
+        return usage()
+    task = tasks[-1]
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}{did_you_mean(task, TASKS)} (tasks: {', '.join(TASKS)})")
+    return task_help(task)
 
 
 def _setup(args: CliArgs) -> str:
@@ -77,6 +93,7 @@ def run(argv: list[str]) -> dict:
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS)} "
                           f"(tasks: {', '.join(TASKS)})")
+    check_task_keys(args.task, given)   # a key the task does not read is an error, not ignored
     device = _setup(args)
     check_task_files(args)      # outputs writable and not inputs, before any work
     return TASKS[args.task](args, given, device)
@@ -85,12 +102,15 @@ def run(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qinco2`` and ``python -m qinco2``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
     from ..distributed import shutdown
 
     try:
+        if any(a.strip() in HELP_WORDS for a in argv):
+            print(help_text(argv))
+            return 0
         result = run(argv)
     except QincoError as exc:
         print(f"error: {exc}", file=sys.stderr)
