@@ -140,6 +140,15 @@ class Workers:
                                     f"rank {self.rank} stops too. Fix the cause and run the job again")
 
 
+def abandon() -> None:
+    """End this process's part of a launched job after an error: tear the process group down
+    without waiting for the others (they fail too, or have failed), so that the process exits
+    with its own status instead of aborting on a live gloo group at interpreter exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+
+
 def shutdown() -> None:
     """End this process's part of a launched job: wait for the others, then tear the process
     group down (a gloo group left alive at interpreter exit can abort the process)."""

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print(usage(), file=sys.stderr)
         return 2
-    from ..distributed import shutdown
+    from ..distributed import abandon, shutdown
 
     try:
         if any(a.strip() in HELP_WORDS for a in argv):
@@ -114,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(argv)
     except QincoError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        abandon()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        abandon()
         return 130
     shutdown()
     if launched_rank() == 0:                  # one report per launched job

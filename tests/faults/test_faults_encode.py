@@ -140,7 +140,7 @@ TWO_RANKS = """\
 import sys
 import numpy as np
 from qinco2 import QincoCodec, QincoError, encode_to_file
-from qinco2.distributed import Workers, shutdown
+from qinco2.distributed import Workers, abandon, shutdown
 
 workers, _ = Workers.from_environment(cpu=True)
 codec = QincoCodec.load(sys.argv[1])
@@ -152,6 +152,7 @@ try:
     encode_to_file(codec, x, sys.argv[4], batch=100, shard_rows=100, progress=False, workers=workers)
 except QincoError as exc:
     print(f"error: {exc}", file=sys.stderr, flush=True)
+    abandon()
     sys.exit(2)
 shutdown()
 """
@@ -213,7 +214,7 @@ import sys
 import numpy as np
 import qinco2.codec.train as train
 from qinco2 import QincoCodec, QincoError
-from qinco2.distributed import Workers, shutdown
+from qinco2.distributed import Workers, abandon, shutdown
 
 workers, _ = Workers.from_environment(cpu=True)
 encode, calls = train.encode, []
@@ -232,6 +233,7 @@ try:
     codec.train(x[:1200], x[1200:], progress=False, workers=workers)
 except (QincoError, MemoryError) as exc:
     print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    abandon()                                  # as the CLI does after an error
     sys.exit(2)
 shutdown()
 """
