@@ -51,12 +51,12 @@ from qinco2.formats_layout import (
     scan_vecs_headers,
     vector_suffix,
 )
+from qinco2.validation import first_nonfinite
 
 logger = logging.getLogger(__name__)
 
 _VERIFY_CHUNK_BYTES = 64 << 20  # bytes of a *vecs file read per chunk by verify_vectors
 _VERIFY_PROGRESS_BYTES = 1 << 30  # verify_vectors shows a progress bar from this file size on
-_FINITE_CHECK_VALUES = 1 << 24  # values tested for NaN/Inf per chunk
 _WRITE_CHUNK_BYTES = 64 << 20  # bytes of vector data converted and written per chunk
 _FLOAT32_EXACT_INT = 1 << 24  # integers up to this magnitude are exact in float32
 _INT32 = np.iinfo(np.int32)
@@ -171,7 +171,7 @@ def read_vectors(
     with np.errstate(over="ignore"):
         block_ND = np.array(x_ND[start:stop], dtype=target, order="C")
     if check_finite and target.kind == "f":
-        bad = _first_nonfinite_row(block_ND)
+        bad = first_nonfinite(block_ND)
         if bad is not None:
             note = "" if target == x_ND.dtype else f" (after conversion to {target})"
             raise VectorFileError(
@@ -192,16 +192,6 @@ def _row_range(path: PathLike, n: int, start: int, stop: int | None) -> tuple[in
             f"use 0 <= start <= stop <= {n}."
         )
     return start, stop
-
-
-def _first_nonfinite_row(x_ND: np.ndarray) -> int | None:
-    """Index of the first row of a float array holding NaN or Inf, or None (checked in chunks)."""
-    rows = max(1, _FINITE_CHECK_VALUES // max(1, x_ND.shape[1]))
-    for start in range(0, x_ND.shape[0], rows):
-        ok_N = np.isfinite(x_ND[start : start + rows]).all(axis=1)
-        if not ok_N.all():
-            return start + int(np.argmin(ok_N))
-    return None
 
 
 def write_vectors(path: PathLike, x: npt.ArrayLike) -> None:
@@ -228,7 +218,7 @@ def write_vectors(path: PathLike, x: npt.ArrayLike) -> None:
         if not is_vecs:
             f.write(np.array([n, d], dtype="<u4").tobytes())
         for start, chunk_ND in _converted_chunks(x_ND, target, rows):
-            bad = _first_nonfinite_row(chunk_ND) if target.kind == "f" else None
+            bad = first_nonfinite(chunk_ND) if target.kind == "f" else None
             if bad is not None:
                 raise InputError(
                     f"{p}: row {start + bad} of the array is NaN, Inf or outside the float32 "
@@ -349,7 +339,7 @@ def fbin_to_fvecs(
     bar = tqdm(total=n, unit="vec", desc=f"{src_p.name} -> {dst_p.name}", disable=not progress)
     with bar, _atomic_open(dst_p) as f:
         for start, chunk_ND in _converted_chunks(x_ND, np.dtype("<f4"), chunk_rows):
-            bad = _first_nonfinite_row(chunk_ND)
+            bad = first_nonfinite(chunk_ND)
             if bad is not None:
                 raise VectorFileError(
                     f"{src_p}: row {start + bad} holds NaN or Inf; clean the source data before "

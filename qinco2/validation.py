@@ -66,26 +66,32 @@ def _check_rows(a: np.ndarray, what: str, rows: int | None, rows_owner: str | No
                          f"{fix or f'pass exactly {rows} rows'}")
 
 
-def check_finite(x: np.ndarray, what: str = "x", *, first_row: int = 0, row_ids=None,
-                 chunk_rows: int | None = None) -> None:
-    """:class:`InputError` naming the first row of ``x`` that holds NaN or Inf.
-
-    Rows are tested ``chunk_rows`` at a time (default: about :data:`FINITE_CHUNK_BYTES`), so a
-    memory-mapped array is read once and never copied whole. The row named is ``first_row +
-    i``, or ``row_ids[i]`` when ``x`` holds the rows ``row_ids`` of a larger array.
-    Integer arrays are always finite and are not read.
-    """
+def first_nonfinite(x: np.ndarray, *, chunk_rows: int | None = None) -> int | None:
+    """Index of the first row of ``x`` holding NaN or Inf, or None; rows are tested ``chunk_rows``
+    at a time (default: about :data:`FINITE_CHUNK_BYTES`), so a memory-mapped array is read
+    once and never copied whole. Integer arrays are always finite and are not read."""
     if x.dtype.kind not in "fc" or x.size == 0:
-        return
+        return None
     if chunk_rows is None:
         chunk_rows = max(1, FINITE_CHUNK_BYTES // max(1, x.itemsize * x.shape[1]))
     for i in range(0, len(x), chunk_rows):
         ok_n = np.isfinite(x[i:i + chunk_rows]).all(axis=1)
         if not ok_n.all():
-            bad = i + int(np.argmin(ok_n))
-            row = int(row_ids[bad]) if row_ids is not None else first_row + bad
-            raise InputError(f"{what} holds NaN or Inf values (first in row {row}); "
-                             "clean or drop those rows first")
+            return i + int(np.argmin(ok_n))
+    return None
+
+
+def check_finite(x: np.ndarray, what: str = "x", *, first_row: int = 0, row_ids=None,
+                 chunk_rows: int | None = None) -> None:
+    """:class:`InputError` naming the first row of ``x`` that holds NaN or Inf (found by
+    :func:`first_nonfinite`). The row named is ``first_row + i``, or ``row_ids[i]`` when ``x``
+    holds the rows ``row_ids`` of a larger array.
+    """
+    bad = first_nonfinite(x, chunk_rows=chunk_rows)
+    if bad is not None:
+        row = int(row_ids[bad]) if row_ids is not None else first_row + bad
+        raise InputError(f"{what} holds NaN or Inf values (first in row {row}); "
+                         "clean or drop those rows first")
 
 
 def check_vectors(x, what: str = "x", dim: int | None = None, *, dim_owner: str | None = None,

@@ -42,6 +42,22 @@ def make_model():
     return _random_model
 
 
+def _random_codec(**fields) -> QincoCodec:
+    """A codec around a random-weight float32 model (D=8, M=3, K=16, ... unless overridden):
+    tests of codes files, packing and model files need no training."""
+    model = _random_model(dtype=torch.float32, **{"D": 8, "M": 3, "K": 16, "L": 1, "de": 4, "dh": 8, "A": 4, "B": 2,
+                                                  **fields})
+    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
+    codec.model_, codec.model_config = model, model.cfg
+    return codec
+
+
+@pytest.fixture
+def make_codec():
+    """Factory: ``make_codec(ivf_K=16, ivf_centroids=..., ...)`` -> :class:`QincoCodec` of a random model."""
+    return _random_codec
+
+
 def _clustered(n: int, D: int = 16, C: int = 16, seed: int = 0) -> np.ndarray:
     """Gaussian clusters, each with its own random rotation and anisotropic spread.
 

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2 import InputError, QincoCodec
+from qinco2 import InputError
 from qinco2.codec.code_layout import CodeLayout, PackedCodes, int_width
-from qinco2.codec.model import ModelConfig
 from qinco2.rerank import refine_with_codec
 
 
@@ -69,17 +68,9 @@ def test_packed_codes_view_reads_only_the_rows_asked_for(monkeypatch):
     np.testing.assert_array_equal(part.astype(np.int64), codes[100:300])
 
 
-def _codec(make_model, **fields) -> QincoCodec:
-    model = make_model(dtype=torch.float32, **{"D": 8, "M": 3, "K": 16, "L": 1, "de": 4, "dh": 8, "A": 4, "B": 2,
-                                               **fields})
-    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
-    codec.model_, codec.model_config = model, model.cfg
-    return codec
-
-
-def test_codec_encodes_and_decodes_packed_codes(make_model):
+def test_codec_encodes_and_decodes_packed_codes(make_codec):
     x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
-    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
+    codec = make_codec(ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
     assert codec.code_size == 4 and codec.code_layout == CodeLayout(M=3, K=16, ivf_K=16)
     codes = codec.encode(x, batch_size=64)
     packed = codec.encode(x, packed=True, batch_size=64)
@@ -90,8 +81,8 @@ def test_codec_encodes_and_decodes_packed_codes(make_model):
         codec.decode(packed[:, :3], packed=True)
 
 
-def test_refining_with_a_codes_file_reads_only_the_candidates(make_model, monkeypatch):
-    codec = _codec(make_model)
+def test_refining_with_a_codes_file_reads_only_the_candidates(make_codec, monkeypatch):
+    codec = make_codec()
     rng = np.random.default_rng(2)
     x, q = rng.normal(size=(2000, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
     view = PackedCodes(codec.encode(x, packed=True), codec.code_layout)

@@ -10,23 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from qinco2 import (DatasetError, InputError, QincoCodec, convert_codes, encode_to_file, load_encoded, open_vectors,
-                    write_vectors)
+from qinco2 import (
+    DatasetError,
+    InputError,
+    QincoCodec,
+    convert_codes,
+    encode_to_file,
+    load_encoded,
+    open_vectors,
+    write_vectors,
+)
 from qinco2.cli.main import main
 from qinco2.codec.codes_io import model_sha
-from qinco2.codec.model import ModelConfig
 from qinco2.ivf import assign_to_centroids
 
 D = 8
-
-
-def _codec(make_model, **fields) -> QincoCodec:
-    """A codec around a random-weight float32 model (no training needed to test I/O)."""
-    model = make_model(dtype=torch.float32, **{"D": D, "M": 3, "K": 16, "L": 1, "de": 4,
-                                               "dh": 8, "A": 4, "B": 2, **fields})
-    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
-    codec.model_, codec.model_config = model, model.cfg
-    return codec
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,8 @@ def _files(directory) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def test_chunked_encoding_of_a_memmap_equals_encode(make_model, x, x_memmap, tmp_path):
-    codec = _codec(make_model)
+def test_chunked_encoding_of_a_memmap_equals_encode(make_codec, x, x_memmap, tmp_path):
+    codec = make_codec()
     out = tmp_path / "out" / "codes.npy"
     r = encode_to_file(codec, x_memmap, out, batch=300, progress=False)  # 7 chunks, last short
     assert r["shape"] == [2000, 3] and r["model_sha"] == model_sha(codec)
@@ -64,16 +62,16 @@ def test_chunked_encoding_of_a_memmap_equals_encode(make_model, x, x_memmap, tmp
         "rows": 2000, "D": D, "M": 3, "K": 16, "ivf_K": 0, "code_size": 3, "model_sha": model_sha(codec)}
 
 
-def test_a_list_of_parts_is_encoded_in_order_with_beam_overrides(make_model, x, tmp_path):
-    codec = _codec(make_model)
+def test_a_list_of_parts_is_encoded_in_order_with_beam_overrides(make_codec, x, tmp_path):
+    codec = make_codec()
     out = tmp_path / "codes.npy"
     encode_to_file(codec, [x[:700], x[700:]], out, batch=512, progress=False, A=2, B=1)
     np.testing.assert_array_equal(load_encoded(out)["codes"], codec.encode(x, A=2, B=1))
 
 
-def test_ivf_codes_start_with_the_nearest_centroid(make_model, x, tmp_path):
+def test_ivf_codes_start_with_the_nearest_centroid(make_codec, x, tmp_path):
     centroids = x[::125][:16].copy()
-    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(centroids))
+    codec = make_codec(ivf_K=16, ivf_centroids=torch.from_numpy(centroids))
     out = tmp_path / "codes.npy"
     encode_to_file(codec, x, out, batch=500, progress=False)
     z = load_encoded(out, require_ivf=True)
@@ -84,17 +82,17 @@ def test_ivf_codes_start_with_the_nearest_centroid(make_model, x, tmp_path):
     assert (z["codes"][:, 0] == assign_to_centroids(x, centroids)).mean() > 0.99
 
 
-def test_model_sha_follows_the_weights(make_model, tmp_path):
-    codec = _codec(make_model)
+def test_model_sha_follows_the_weights(make_codec, tmp_path):
+    codec = make_codec()
     codec.save(tmp_path / "m.pt")
     assert model_sha(QincoCodec.load(tmp_path / "m.pt", B=1)) == model_sha(codec)
-    assert model_sha(_codec(make_model, seed=1)) != model_sha(codec)
+    assert model_sha(make_codec(seed=1)) != model_sha(codec)
 
 
-def test_load_errors(make_model, x, tmp_path):
+def test_load_errors(make_codec, x, tmp_path):
     with pytest.raises(DatasetError, match="task=encode model="):
         load_encoded(tmp_path / "missing.npy")
-    encode_to_file(_codec(make_model), x[:10], tmp_path / "flat.npy", progress=False)
+    encode_to_file(make_codec(), x[:10], tmp_path / "flat.npy", progress=False)
     with pytest.raises(InputError, match="without IVF.*ivf_centroids="):
         load_encoded(tmp_path / "flat.npy", require_ivf=True)
     np.save(tmp_path / "short.npy", np.load(tmp_path / "flat.npy")[:9])
@@ -109,8 +107,8 @@ def test_load_errors(make_model, x, tmp_path):
         load_encoded(tmp_path / "short.npy")
 
 
-def test_old_npz_files_load_and_convert(make_model, x, tmp_path):
-    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
+def test_old_npz_files_load_and_convert(make_codec, x, tmp_path):
+    codec = make_codec(ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
     codes = codec.encode(x[:300])
     np.savez(tmp_path / "old.npz", codes=codes, K=16, M=3, D=D, ivf_K=16, model_sha=model_sha(codec))
     old = load_encoded(tmp_path / "old.npz", require_ivf=True)
@@ -129,8 +127,8 @@ def test_old_npz_files_load_and_convert(make_model, x, tmp_path):
         load_encoded(tmp_path / "junk.npz")
 
 
-def test_encode_errors_leave_no_file(make_model, x, tmp_path):
-    codec = _codec(make_model)
+def test_encode_errors_leave_no_file(make_codec, x, tmp_path):
+    codec = make_codec()
     bad = x[:1000].copy()
     bad[700, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
@@ -145,8 +143,8 @@ def test_encode_errors_leave_no_file(make_model, x, tmp_path):
     assert _files(tmp_path) == []
 
 
-def test_cli_encode_writes_the_model_sha(make_model, x, tmp_path, capsys):
-    codec = _codec(make_model, ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
+def test_cli_encode_writes_the_model_sha(make_codec, x, tmp_path, capsys):
+    codec = make_codec(ivf_K=16, ivf_centroids=torch.from_numpy(x[:16].copy()))
     codec.save(tmp_path / "m.pt")
     write_vectors(tmp_path / "base.fvecs", x[:500])
     out = tmp_path / "db.npy"
@@ -170,8 +168,8 @@ def _dies_after(codec, n_calls: int):
     return encode_or_die
 
 
-def test_a_killed_encoding_resumes_to_the_same_file(make_model, x, tmp_path, monkeypatch):
-    codec = _codec(make_model)
+def test_a_killed_encoding_resumes_to_the_same_file(make_codec, x, tmp_path, monkeypatch):
+    codec = make_codec()
     data, encode = x[:1000], codec.encode
     encode_to_file(codec, data, tmp_path / "ref.npy", batch=100, shard_rows=100, progress=False)
     monkeypatch.setattr(codec, "encode", _dies_after(codec, 3))     # killed while encoding shard 3
@@ -191,8 +189,8 @@ def test_a_killed_encoding_resumes_to_the_same_file(make_model, x, tmp_path, mon
     assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
 
 
-def test_shards_of_other_data_are_not_reused(make_model, x, tmp_path, monkeypatch):
-    codec = _codec(make_model)
+def test_shards_of_other_data_are_not_reused(make_codec, x, tmp_path, monkeypatch):
+    codec = make_codec()
     encode = codec.encode
     monkeypatch.setattr(codec, "encode", _dies_after(codec, 2))
     with pytest.raises(KeyboardInterrupt):
@@ -202,9 +200,9 @@ def test_shards_of_other_data_are_not_reused(make_model, x, tmp_path, monkeypatc
     np.testing.assert_array_equal(load_encoded(tmp_path / "out.npy")["codes"], codec.encode(x[500:1000]))
 
 
-def test_encoding_a_read_only_memory_map_gives_torch_writable_rows(make_model, x, x_memmap, monkeypatch):
+def test_encoding_a_read_only_memory_map_gives_torch_writable_rows(make_codec, x, x_memmap, monkeypatch):
     """torch warns (once per process) when it wraps read-only memory: the codec copies such rows."""
-    codec = _codec(make_model)
+    codec = make_codec()
     assert not x_memmap.flags.writeable
     as_tensor, seen = torch.as_tensor, []
     monkeypatch.setattr(torch, "as_tensor", lambda a, *args, **kw: seen.append(

@@ -20,10 +20,10 @@ import torch
 
 from ..distributed import Workers
 from ..errors import InputError
+from ..validation import first_nonfinite
 from .encode import encode
 from .model import QincoModel
 
-FINITE_CHUNK_VALUES = 16 << 20  # values tested for NaN/Inf at a time
 TRAIN_FIX = "pass at least one training vector"
 VAL_FIX = "pass at least one validation vector (from the command line: ds.valset >= 1)"
 
@@ -47,18 +47,6 @@ def row_source(x) -> tuple[str, int | None] | None:
 def describe(what: str, source: tuple[str, int | None] | None) -> str:
     """``what``, with its file when it is read from one."""
     return what if source is None else f"{what} (file {source[0]})"
-
-
-def first_nonfinite(x_nD: np.ndarray) -> int | None:
-    """Index of the first row of ``x_nD`` holding NaN or Inf (integer arrays: None)."""
-    if x_nD.dtype.kind not in "fc" or x_nD.size == 0:
-        return None
-    chunk = max(1, FINITE_CHUNK_VALUES // max(1, x_nD.shape[1]))
-    for i in range(0, len(x_nD), chunk):
-        ok_n = np.isfinite(x_nD[i:i + chunk]).all(axis=1)
-        if not ok_n.all():
-            return i + int(np.argmin(ok_n))
-    return None
 
 
 def nonfinite_error(what: str, row: int, source: tuple[str, int | None] | None) -> InputError:

@@ -33,10 +33,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_open, atomic_path
+from ..checkpoint import tensors_sha256
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
 from ..locks import exclusive_lock
@@ -57,12 +57,7 @@ FORMAT_VERSION = 1
 def model_sha(codec: QincoCodec) -> str:
     """16 hex digits of the sha256 of the model's weights (names, dtypes, shapes and bytes);
     the same for a trained codec, its saved file loaded back, and any device."""
-    h = hashlib.sha256()
-    for name, t in sorted(codec._model().state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha256(codec._model().state_dict().items())[:16]   # the model file's checksum, cut
 
 
 def _parts(x, D: int) -> list[np.ndarray]:

@@ -14,24 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from qinco2 import QincoCodec, encode_to_file, load_encoded
 from qinco2.codec.codes_io import model_sha
-from qinco2.codec.model import ModelConfig
 from qinco2.locks import LockedError, exclusive_lock, lock_path
 
 ROOT = Path(__file__).resolve().parents[2]
 D = 8
-
-
-def _codec(make_model, **fields) -> QincoCodec:
-    """A codec around a random-weight float32 model (no training needed to test I/O)."""
-    model = make_model(dtype=torch.float32, **{"D": D, "M": 3, "K": 16, "L": 1, "de": 4,
-                                               "dh": 8, "A": 4, "B": 2, **fields})
-    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
-    codec.model_, codec.model_config = model, model.cfg
-    return codec
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +41,8 @@ def _dies_after(codec, n_calls: int):
 
 
 # ---------------------------------------------------------------- item 1: one writer per output
-def test_a_second_job_writing_the_same_output_is_refused(make_model, x, tmp_path, monkeypatch):
-    one, other = _codec(make_model), _codec(make_model, seed=1)
+def test_a_second_job_writing_the_same_output_is_refused(make_codec, x, tmp_path, monkeypatch):
+    one, other = make_codec(), make_codec(seed=1)
     out = tmp_path / "codes.npy"
     encode, refusals = one.encode, []
 
@@ -83,21 +72,21 @@ def live_pid():
 
 
 @pytest.mark.parametrize("where", ["live process", "other host"])
-def test_a_lock_held_elsewhere_refuses_the_writer(make_model, x, tmp_path, live_pid, where):
+def test_a_lock_held_elsewhere_refuses_the_writer(make_codec, x, tmp_path, live_pid, where):
     out = tmp_path / "codes.npy"
     host = socket.gethostname() if where == "live process" else "other-machine"
     lock_path(out).write_text(json.dumps({"pid": live_pid, "host": host, "since": time.time()}))
     with pytest.raises(LockedError, match=f"process {live_pid} on host {host}.*delete .*codes.npy.lock"):
-        encode_to_file(_codec(make_model), x, out, progress=False)
+        encode_to_file(make_codec(), x, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".codes.npy.lock"]   # nothing touched, lock kept
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(make_model, x, tmp_path, caplog):
+def test_a_lock_left_by_a_dead_process_is_taken_over(make_codec, x, tmp_path, caplog):
     dead = subprocess.Popen(["true"])
     dead.wait()                                          # reaped: its pid no longer runs
     out = tmp_path / "codes.npy"
     lock_path(out).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": 0}))
-    codec = _codec(make_model)
+    codec = make_codec()
     with caplog.at_level(logging.WARNING, logger="qinco2.locks"):
         encode_to_file(codec, x, out, progress=False)
     assert f"taking over the lock {lock_path(out)} of process {dead.pid}" in caplog.text
@@ -118,8 +107,8 @@ def test_the_lock_is_exclusive_and_released_on_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- item 3: stale shards
-def test_a_shard_whose_input_rows_changed_is_encoded_again(make_model, x, tmp_path, monkeypatch):
-    codec = _codec(make_model)
+def test_a_shard_whose_input_rows_changed_is_encoded_again(make_codec, x, tmp_path, monkeypatch):
+    codec = make_codec()
     encode = codec.encode
     monkeypatch.setattr(codec, "encode", _dies_after(codec, 3))     # killed while encoding shard 3
     with pytest.raises(KeyboardInterrupt):
@@ -190,8 +179,8 @@ def _run_two_ranks(argv: list[str], timeout: float = 120) -> list[tuple[int, str
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
-def test_a_rank_that_fails_stops_the_other_with_its_error(make_model, x, tmp_path):
-    codec = _codec(make_model)
+def test_a_rank_that_fails_stops_the_other_with_its_error(make_codec, x, tmp_path):
+    codec = make_codec()
     codec.save(tmp_path / "m.pt")
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "job.py").write_text(TWO_RANKS)

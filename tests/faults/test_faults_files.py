@@ -14,7 +14,6 @@ import torch
 from qinco2 import ivfpq
 from qinco2.checkpoint import FORMAT_TAG, FORMAT_VERSION, WEIGHTS_SHA_KEY, atomic_torch_save, save_checkpoint
 from qinco2.codec.codec import QincoCodec
-from qinco2.codec.model import ModelConfig
 from qinco2.errors import InputError, ModelFileError, VectorFileError
 from qinco2.formats import count_vectors, open_vectors, write_vectors
 from qinco2.ivfpq import IndexParams, SearchParams
@@ -22,14 +21,6 @@ from qinco2.ivfpq import IndexParams, SearchParams
 D = 8
 PARAMS = IndexParams(n_lists=4, pq_dim=4, pq_bits=4, kmeans_n_iters=2)
 SEARCH = SearchParams(n_probes=4)
-
-
-def _codec(make_model) -> QincoCodec:
-    """A codec around a random-weight float32 model (no training needed to test files)."""
-    model = make_model(dtype=torch.float32, D=D, M=3, K=16, L=1, de=4, dh=8, A=4, B=2)
-    codec = QincoCodec(ModelConfig(**model.cfg.to_dict()))
-    codec.model_, codec.model_config = model, model.cfg
-    return codec
 
 
 def _flip_byte_of(path, tensor: torch.Tensor, offset: int = 5) -> None:
@@ -112,9 +103,9 @@ def test_cli_refine_raw_with_another_database_exits_with_an_error(db, tmp_path, 
     assert rc == 2 and "built from 600 rows with fingerprint" in err
 
 
-def test_refine_with_codes_of_another_row_count_is_refused(db, index, make_model):
+def test_refine_with_codes_of_another_row_count_is_refused(db, index, make_codec):
     x, q = db
-    codec = _codec(make_model)
+    codec = make_codec()
     codes = codec.encode(x)
     ivfpq.search_and_refine(SEARCH, index, q, 5, codec=codec, codes=codes)
     with pytest.raises(InputError, match="built from 600 rows .* codes= holds 300 rows"):
@@ -170,8 +161,8 @@ def test_tagged_model_files_with_missing_or_wrong_keys(tmp_path, payload, words)
     assert "broken.pt" in str(err.value)
 
 
-def test_missing_weight_and_wrong_shape_are_named(tmp_path, make_model):
-    cfg, state = _model_payload(_codec(make_model))
+def test_missing_weight_and_wrong_shape_are_named(tmp_path, make_codec):
+    cfg, state = _model_payload(make_codec())
     path = tmp_path / "model.pt"
     missing = dict(state)
     del missing["steps.1.codebook"]
@@ -191,16 +182,16 @@ def test_missing_weight_and_wrong_shape_are_named(tmp_path, make_model):
     ({"bogus": 1}, "unknown model field"), ({"M": "3"}, "M must be an integer"), ({"K": 0}, "K must be >= 1"),
     ({"D": 0}, "D >= 1"), ({"codeword_skip": "yes"}, "codeword_skip must be a bool"), ({"de": 2.5}, "or None"),
 ])
-def test_bad_model_config_is_a_model_file_error(tmp_path, make_model, change, words):
-    cfg, state = _model_payload(_codec(make_model))
+def test_bad_model_config_is_a_model_file_error(tmp_path, make_codec, change, words):
+    cfg, state = _model_payload(make_codec())
     path = tmp_path / "model.pt"
     save_checkpoint(path, {**cfg, **change}, state)
     with pytest.raises(ModelFileError, match=f"model.pt holds an invalid model config: .*{words}"):
         QincoCodec.load(path)
 
 
-def test_a_flipped_byte_in_a_codebook_is_reported_as_corrupt(tmp_path, make_model):
-    codec = _codec(make_model)
+def test_a_flipped_byte_in_a_codebook_is_reported_as_corrupt(tmp_path, make_codec):
+    codec = make_codec()
     path = tmp_path / "model.pt"
     codec.save(path)
     assert WEIGHTS_SHA_KEY in torch.load(path, weights_only=True)
@@ -209,8 +200,8 @@ def test_a_flipped_byte_in_a_codebook_is_reported_as_corrupt(tmp_path, make_mode
         QincoCodec.load(path)
 
 
-def test_a_model_file_without_checksum_still_loads(tmp_path, make_model):
-    codec = _codec(make_model)
+def test_a_model_file_without_checksum_still_loads(tmp_path, make_codec):
+    codec = make_codec()
     path = tmp_path / "model.pt"
     codec.save(path)
     payload = torch.load(path, weights_only=True)
@@ -220,16 +211,16 @@ def test_a_model_file_without_checksum_still_loads(tmp_path, make_model):
     np.testing.assert_array_equal(QincoCodec.load(path).encode(x), codec.encode(x))
 
 
-def test_a_damaged_training_state_is_a_model_file_error(tmp_path, make_model):
-    cfg, state = _model_payload(_codec(make_model))
+def test_a_damaged_training_state_is_a_model_file_error(tmp_path, make_codec):
+    cfg, state = _model_payload(make_codec())
     path = tmp_path / "model.pt"
     save_checkpoint(path, cfg, state, training={"config": {"no_such_field": 1}})
     with pytest.raises(ModelFileError, match="damaged training state"):
         QincoCodec.load(path)
 
 
-def test_model_save_to_a_directory_or_under_a_file_fails_before_writing(tmp_path, make_model):
-    codec = _codec(make_model)
+def test_model_save_to_a_directory_or_under_a_file_fails_before_writing(tmp_path, make_codec):
+    codec = make_codec()
     with pytest.raises(InputError, match="is a directory"):
         codec.save(tmp_path)
     (tmp_path / "plain").write_text("x")
