@@ -36,7 +36,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from tqdm.auto import tqdm
 
 from qinco2.atomic import atomic_open
 from qinco2.errors import InputError, VectorFileError
@@ -51,6 +50,8 @@ from qinco2.formats_layout import (
     scan_vecs_headers,
     vector_suffix,
 )
+from qinco2.progress import progress_bar
+from qinco2.tensor_io import accepts_tensors
 from qinco2.validation import first_nonfinite
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _verify(p: Path, suffix: str, layout: Layout, *, progress: bool | None, chun
         raise InputError(f"verify_vectors: chunk_rows must be a positive integer, got {chunk_rows}.")
     if progress is None:
         progress = layout.n * layout.record_bytes >= _VERIFY_PROGRESS_BYTES
-    bar = tqdm(total=layout.n, unit="vec", desc=f"checking {p.name}", disable=not progress)
+    bar = progress_bar(total=layout.n, unit="vec", desc=f"checking {p.name}", disable=not progress)
     with bar:
         for rows in scan_vecs_headers(p, layout, chunk_rows):
             bar.update(rows)
@@ -194,6 +195,7 @@ def _row_range(path: PathLike, n: int, start: int, stop: int | None) -> tuple[in
     return start, stop
 
 
+@accepts_tensors
 def write_vectors(path: PathLike, x: npt.ArrayLike) -> None:
     """Write a 2-D array to ``path`` in the format given by its suffix, atomically.
 
@@ -336,7 +338,7 @@ def fbin_to_fvecs(
         raise VectorFileError(
             f"{src_p}: holds no vectors, and a .fvecs file cannot store 0 vectors."
         )
-    bar = tqdm(total=n, unit="vec", desc=f"{src_p.name} -> {dst_p.name}", disable=not progress)
+    bar = progress_bar(total=n, unit="vec", desc=f"{src_p.name} -> {dst_p.name}", disable=not progress)
     with bar, _atomic_open(dst_p) as f:
         for start, chunk_ND in _converted_chunks(x_ND, np.dtype("<f4"), chunk_rows):
             bad = first_nonfinite(chunk_ND)

@@ -15,10 +15,11 @@ import logging
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
 from .errors import InputError
-from .kmeans import kmeans, progress_bar
+from .kmeans import kmeans, kmeans_progress
+from .progress import progress_bar
+from .tensor_io import accepts_tensors
 from .validation import check_finite, check_vectors
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def check_centroids(centroids, D: int) -> np.ndarray:
 
 def _blocks(x: np.ndarray, rows: int = _READ_ROWS, progress: bool = False, desc: str = ""):
     """``(start, float32 block)`` over the rows of ``x``, each checked for NaN/Inf as it is read."""
-    for i in tqdm(range(0, len(x), rows), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(x), rows), desc=desc, disable=not progress, leave=False):
         block = np.ascontiguousarray(x[i:i + rows], dtype=np.float32)
         check_finite(block, "x", first_row=i)
         yield i, block
@@ -58,12 +59,13 @@ def _sample(x: np.ndarray, n: int, seed: int, progress: bool) -> np.ndarray:
         ids = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
     n = min(n, len(x))
     out_ND = np.empty((n, x.shape[1]), dtype=np.float32)
-    for i in tqdm(range(0, n, _READ_ROWS), desc="read", disable=not progress, leave=False):
+    for i in progress_bar(range(0, n, _READ_ROWS), desc="read", disable=not progress, leave=False):
         out_ND[i:i + _READ_ROWS] = x[i:i + _READ_ROWS] if ids is None else x[ids[i:i + _READ_ROWS]]
     check_finite(out_ND, "x", row_ids=ids)
     return out_ND
 
 
+@accepts_tensors
 def train_ivf_centroids(x: np.ndarray, K: int, *, niter: int = IVF_NITER, seed: int = 0,
                         max_points_per_centroid: int = 256, progress: bool = True,
                         device=None) -> np.ndarray:
@@ -86,10 +88,11 @@ def train_ivf_centroids(x: np.ndarray, K: int, *, niter: int = IVF_NITER, seed: 
     x_ND = _sample(x, min(N, max_points_per_centroid * K), seed, progress)
     log.info("k-means: %d of %d vectors (D=%d) into K=%d centroids, %d iterations",
              len(x_ND), N, x.shape[1], K, niter)
-    with progress_bar(niter, "k-means", progress) as bar:
+    with kmeans_progress(niter, "k-means", progress) as bar:
         return kmeans(x_ND, K, niter=niter, seed=seed, device=device, progress=bar)
 
 
+@accepts_tensors
 def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, *, batch: int = 65_536,
                         progress: bool = False) -> np.ndarray:
     """Id ``(N,)`` int64 of the exact L2-nearest centroid of each row (faiss brute force)."""

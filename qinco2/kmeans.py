@@ -35,9 +35,9 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import InputError
+from .progress import progress_bar
 
 KMEANS_MAX_BYTES = 1 << 28  # bytes of one block: its float32/float64 rows and (G, rows, K) distances
 SPLIT_EPS = 1 / 1024  # perturbation of a split cluster, relative to its RMS radius
@@ -66,19 +66,19 @@ def _nearest_block(x_GRD: torch.Tensor, c_GKD: torch.Tensor) -> tuple[torch.Tens
 
 
 @contextlib.contextmanager
-def progress_bar(niter: int, desc: str = "k-means", enabled: bool = True) -> Iterator[Progress | None]:
+def kmeans_progress(niter: int, desc: str = "k-means", enabled: bool = True) -> Iterator[Progress | None]:
     """A ``progress`` callback that drives a tqdm bar over the iterations (None if not enabled).
 
-    >>> with progress_bar(20, "IVF k-means") as bar:              # doctest: +SKIP
+    >>> with kmeans_progress(20, "IVF k-means") as bar:              # doctest: +SKIP
     ...     centroids_KD = kmeans(x_ND, 1024, progress=bar)
     """
     if not enabled:
         yield None
         return
-    with tqdm(total=niter, desc=desc, leave=False) as bar:
+    with progress_bar(total=niter, desc=desc, leave=False) as bar:
         def update(iteration: int, niter: int, mse: float) -> None:
             bar.update(iteration - bar.n)
-            bar.set_postfix(mse=f"{mse:.4g}")
+            bar.set_postfix(mse=f"{mse:.4g}", refresh=False)
         yield update
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .tensor_io import accepts_tensors
 from .validation import check_codes, check_finite, check_vectors
 
 RERANK_METRICS = ("sqeuclidean", "inner_product", "cosine")
@@ -72,6 +73,7 @@ def _check(queries, candidates, dim: int, n_db: int, k: int, dim_owner: str,
     return queries, candidates.astype(np.int64)
 
 
+@accepts_tensors
 def refine(dataset, queries, candidates, k: int, *, metric: str = "sqeuclidean",
            batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank ``candidates`` ``(Q, k0)`` by exact distances to the raw ``dataset`` rows (a
@@ -91,6 +93,7 @@ def refine(dataset, queries, candidates, k: int, *, metric: str = "sqeuclidean",
     return exact_rerank(queries, candidates, rows, k, metric=metric, batch_rows=batch_rows)
 
 
+@accepts_tensors
 def refine_with_codec(codec, codes, queries, candidates, k: int, *, metric: str = "sqeuclidean",
                       batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank ``candidates`` by exact distances to the vectors that ``codec`` (a trained

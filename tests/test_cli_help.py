@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -157,3 +159,16 @@ def test_key_table_matches_what_the_task_reads(task):
     assert reads - set(TASK_KEYS[task]) <= {"ds.valset", "ds.trainset", "ds.db", "ds.loop"}, \
         sorted(reads - set(TASK_KEYS[task]))
     assert table - reads == NOT_IN_TASK_BODY.get(task, set()), sorted(table - reads)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["task=train", "help"]])
+def test_help_into_a_closed_pipe_is_no_error(argv):
+    """`qinco2 --help | head -1`: the reader leaves early; no traceback, status 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qinco2", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()

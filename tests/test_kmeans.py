@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qinco2.errors import InputError
-from qinco2.kmeans import _assign_and_sum, _Points, kmeans, nearest, progress_bar
+from qinco2.kmeans import _assign_and_sum, _Points, kmeans, nearest, kmeans_progress
 
 
 def _blobs(n: int, D: int, n_blobs: int, seed: int, spread: float = 4.0) -> np.ndarray:
@@ -124,9 +124,9 @@ def test_progress_once_per_iteration_with_decreasing_mse():
     assert [c[:2] for c in calls] == [(i, 7) for i in range(1, 8)]
     mses = [c[2] for c in calls]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(mses, mses[1:]))    # Lloyd never gets worse
-    with progress_bar(7, enabled=False) as bar:
+    with kmeans_progress(7, enabled=False) as bar:
         assert bar is None
-    with progress_bar(7) as bar:
+    with kmeans_progress(7) as bar:
         kmeans(x, 16, niter=7, progress=bar)
 
 

@@ -58,7 +58,7 @@ def task_train(args: CliArgs, given: set[str], device: str) -> dict:
     log.info("training %s on %s: %d training and %d validation vectors of D=%d, device %s",
              preset, ds.name, len(x_train), len(x_val), x_train.shape[1], device)
     codec.train(x_train, x_val, mse_scale=ds.mse_scale, output=output, resume=args.resume,
-                init_model=args.model, ivf_centroids=ivf, progress=args.verbose,
+                init_model=args.model, ivf_centroids=ivf, progress=args.progress,
                 workers=launched_workers(args))
     state, cfg = codec.train_state_, codec.model_.cfg
     result = {"task": "train", "output": output, "dataset": ds.name, "D": cfg.D, "M": cfg.M,
@@ -95,7 +95,7 @@ def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
     metric = search_metric(args, ds)
     queries, gt = (ds.query_vectors(), ds.ground_truth()) if search else (None, None)
     r = evaluate_codec(codec, ds.database(data_limits(args)), ds.mse_scale, queries, gt,
-                       metric=metric, progress=args.verbose)
+                       metric=metric, progress=args.progress)
     print_table([[m + 1, u, h, p] for m, (u, h, p) in
                  enumerate(zip(r["code_usage"], r["entropy_bits"], r["prefix_mse"]))],
                 ["step", "used/K", "entropy (bits)", "MSE of prefix"])
@@ -115,7 +115,7 @@ def task_eval_valset(args: CliArgs, given: set[str], device: str) -> dict:
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     _, x_val = ds.train_val(data_limits(args))
-    r = evaluate_mse(codec, x_val, ds.mse_scale, progress=args.verbose)
+    r = evaluate_mse(codec, x_val, ds.mse_scale, progress=args.progress)
     print(f"validation MSE ({r['n']} vectors, dataset {ds.name}): {r['mse']:.6g}")
     return {"task": "eval_valset", "model": args.model, "dataset": ds.name, **r}
 
@@ -127,7 +127,7 @@ def task_search_exhaustive(args: CliArgs, given: set[str], device: str) -> dict:
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     r = evaluate_search(codec, ds.database(data_limits(args)), ds.query_vectors(),
-                        ds.ground_truth(), metric=search_metric(args, ds), progress=args.verbose)
+                        ds.ground_truth(), metric=search_metric(args, ds), progress=args.progress)
     print_table([[k, v] for k, v in r.items()])
     return {"task": "search", "model": args.model, "dataset": ds.name, **r}
 
@@ -140,7 +140,7 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
     ds = open_dataset(args)
     limits = data_limits(args)
     parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
-    r = encode_to_file(codec, parts, output, progress=args.verbose, shard_rows=args.shard_rows,
+    r = encode_to_file(codec, parts, output, progress=args.progress, shard_rows=args.shard_rows,
                       workers=launched_workers(args))
     what = "training set (training then validation rows)" if args.encode_trainset else "database"
     if launched_rank() == 0:
@@ -154,7 +154,7 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
 
     output = args.output or DEMO_OUTPUT
     start = time.perf_counter()
-    r = run_demo(output, device=device, progress=args.verbose)
+    r = run_demo(output, device=device, progress=args.progress)
     q, rq = r["qinco2"], r["rq"]
     print(f"synthetic set: D={r['D']}, {r['n_train']} training / {r['n_val']} validation / "
           f"{r['n_db']} database vectors, {r['n_queries']} queries; {r['M']} x {r['K']} codes")

@@ -40,7 +40,7 @@ def task_ivfpq_build(args: CliArgs, given: set[str], device: str) -> dict:
     ds = open_dataset(args)
     x = ds.database(data_limits(args))
     start = time.perf_counter()
-    index = ivfpq.build(params, x, device=device, progress=args.verbose)
+    index = ivfpq.build(params, x, device=device, progress=args.progress)
     build_s = time.perf_counter() - start
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     ivfpq.save(output, index)

@@ -13,6 +13,7 @@ it will write. ``qinco2 --help`` lists the tasks, ``qinco2 task=X help`` the key
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from ..errors import ConfigError, QincoError
@@ -99,6 +100,15 @@ def run(argv: list[str]) -> dict:
     return TASKS[args.task](args, given, device)
 
 
+def _print_help(text: str) -> int:
+    """Print ``text``; a reader that stops early (``qinco2 --help | head``) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qinco2`` and ``python -m qinco2``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -109,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if any(a.strip() in HELP_WORDS for a in argv):
-            print(help_text(argv))
-            return 0
+            return _print_help(help_text(argv))
         result = run(argv)
     except QincoError as exc:
         print(f"error: {exc}", file=sys.stderr)

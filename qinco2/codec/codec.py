@@ -13,6 +13,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..ivf import check_centroids
+from ..tensor_io import accepts_tensors
 from ..validation import check_codes, check_vectors
 from .code_layout import CodeLayout
 from .encode import DEFAULT_MAX_BYTES, encode
@@ -109,6 +110,7 @@ class QincoCodec:
         return torch.as_tensor(x if x.flags.writeable else x.copy(), device=self.device)
 
     # ------------------------------------------------------------------ training
+    @accepts_tensors
     def train(self, x_train: np.ndarray, x_val: np.ndarray | None = None, *, mse_scale: float = 1.0,
               output=None, resume: bool = False, init_model=None, ivf_centroids: np.ndarray | None = None,
               progress: bool = True, workers: Workers = Workers()) -> "QincoCodec":
@@ -187,6 +189,7 @@ class QincoCodec:
         return new
 
     # ------------------------------------------------------------------ inference
+    @accepts_tensors
     def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None, packed: bool = False,
                batch_size: int = 65_536, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values.
@@ -214,6 +217,7 @@ class QincoCodec:
                 out[i:i + len(u)] = layout.pack(codes) if packed else codes
         return out
 
+    @accepts_tensors
     def decode(self, codes: np.ndarray, *, packed: bool = False, batch_size: int = 65_536) -> np.ndarray:
         """Float32 vectors ``(N, D)`` from codes ``(N, m)``; ``m < n_codes`` decodes the prefix
         (the first ``m`` steps: a lower rate from the same model). ``packed``: ``codes`` are the

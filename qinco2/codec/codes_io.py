@@ -33,13 +33,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_open, atomic_path
 from ..checkpoint import tensors_sha256
 from ..distributed import Workers
 from ..errors import DatasetError, InputError
 from ..locks import exclusive_lock
+from ..progress import progress_bar
 from ..rows import RowStack
 from ..validation import check_vectors
 from .code_layout import CodeLayout, PackedCodes
@@ -189,7 +189,7 @@ def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress:
                                       "format": FORMAT_VERSION, "data": _fingerprint(parts, n)})
         with workers.synced("encoding its shards"):
             shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
-            with tqdm(total=n, unit="vec", desc=f"encode {path.name}",
+            with progress_bar(total=n, unit="vec", desc=f"encode {path.name}",
                       disable=not (progress and workers.is_main)) as bar:
                 for i in shards:
                     lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)

@@ -17,11 +17,12 @@ import logging
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..datasets import DataLimits, resolve_dataset
 from ..errors import InputError
 from ..metrics import check_metric, code_usage, knn, mse, recall_at
+from ..progress import progress_bar
+from ..tensor_io import accepts_tensors
 from ..validation import check_vectors
 from .batches import check_rows_finite, require_rows, row_source
 from .codec import QincoCodec
@@ -61,7 +62,7 @@ def _batches(x: np.ndarray, batch: int, progress: bool, desc: str, what: str = "
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise InputError(f"batch must be a whole number >= 1 (rows per batch), got {batch!r}")
     source = row_source(x)
-    for i in tqdm(range(0, len(x), batch), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(x), batch), desc=desc, disable=not progress, leave=False):
         with np.errstate(over="ignore"):                  # overflow gives Inf, caught below
             x_nD = np.array(x[i:i + batch], dtype=np.float32)   # a copy: torch wants writable rows
         check_rows_finite(x_nD, what, source, first_row=i)
@@ -92,6 +93,7 @@ def _mse_fields(codec: QincoCodec, codes_NM: np.ndarray, mse_m: np.ndarray, mse_
     return out
 
 
+@accepts_tensors
 def evaluate_mse(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, *,
                  batch: int = 16_384, prefixes: bool = False, progress: bool = False) -> dict:
     """MSE of encode+decode (times ``mse_scale``) plus, per step, the fraction of codewords
@@ -124,6 +126,7 @@ def _search_fields(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks,
             **_search_metrics(xhat_ND, queries, gt, ks, metric)}
 
 
+@accepts_tensors
 def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: np.ndarray,
                     ks=KS, *, metric: str = "l2", batch: int = 16_384,
                     progress: bool = False) -> dict:
@@ -139,6 +142,7 @@ def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: 
     return _search_fields(xhat_ND, queries, gt, ks, metric)
 
 
+@accepts_tensors
 def evaluate_codec(codec: QincoCodec, db: np.ndarray, mse_scale: float = 1.0,
                    queries: np.ndarray | None = None, gt: np.ndarray | None = None, ks=KS, *,
                    metric: str = "l2", batch: int = 16_384, progress: bool = False) -> dict:

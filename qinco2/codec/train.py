@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError
+from ..progress import progress_bar
 from .batches import TRAIN_FIX, VAL_FIX, epoch_batches, epoch_length, require_rows
 from .batches import validation_mse as validation_mse
 from .encode import encode
@@ -203,7 +203,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
                                    opt=opt, workers=workers)
         state.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{state.best_mse:.5g}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", best_val=f"{state.best_mse:.5g}", refresh=False)
         if run.writer is not None:
             run.writer.add_scalar("train/loss_rec", loss_rec.item(), state.step)
             run.writer.add_scalar("train/loss_pre", loss_pre.item(), state.step)
@@ -311,8 +311,8 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
                           f"batch to each of {workers.world_size} processes; lower batch or use fewer processes")
     while True:
         _set_lr(run.opt, _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, model.mean.device)))
-        with tqdm(total=n_batches, desc=f"epoch {state.epoch}", disable=not (progress and workers.is_main),
-                  leave=False) as bar:
+        with progress_bar(total=n_batches, desc=f"epoch {state.epoch}", enabled=progress and workers.is_main,
+                          leave=False) as bar:
             loss, resets, out_of_time = _train_epoch(run, x_train, bar, deadline)
         val = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         if not math.isfinite(val):

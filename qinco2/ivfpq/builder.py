@@ -6,10 +6,11 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..kmeans import _distinct_rows, kmeans, progress_bar
+from ..kmeans import _distinct_rows, kmeans, kmeans_progress
+from ..progress import progress_bar
+from ..tensor_io import accepts_tensors
 from .index import CHUNK_ROWS, Index, check_vectors, float_rows
 from .params import IndexParams
 
@@ -76,7 +77,7 @@ def _subspace_books(index: Index, sample: np.ndarray, gen: torch.Generator, prog
     rows_u, inv_n = torch.unique(_sample_ids(len(sample), K * p.max_train_points_per_pq_code, gen),
                                  return_inverse=True)
     r_nSL = _residuals(index, sample, rows_u)[inv_n.to(index.device)]
-    with progress_bar(p.kmeans_n_iters, "PQ codebooks", progress) as bar:
+    with kmeans_progress(p.kmeans_n_iters, "PQ codebooks", progress) as bar:
         return kmeans(r_nSL.transpose(0, 1).contiguous(), K, niter=p.kmeans_n_iters, seed=gen, progress=bar)
 
 
@@ -98,7 +99,7 @@ def _cluster_books(index: Index, sample: np.ndarray, gen: torch.Generator, progr
     cap = K * p.max_train_points_per_pq_code
     books = torch.empty(index.n_lists, K, index.pq_len, device=index.device)
     rows_of = _sample_lists(index, sample)
-    for l in tqdm(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
+    for l in progress_bar(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
         rows_l = rows_of[l] if len(rows_of[l]) else None        # None: the whole sample
         n_l = len(sample) if rows_l is None else len(rows_l)
         ids = _sample_ids(n_l * S, cap, gen)                     # sub-vector = row * S + sub-space
@@ -110,6 +111,7 @@ def _cluster_books(index: Index, sample: np.ndarray, gen: torch.Generator, progr
     return books
 
 
+@accepts_tensors
 def build(params: IndexParams, dataset, *, device=None, progress: bool = False) -> Index:
     """Train an index on ``dataset`` ``(N, dim)`` (float32/float16/int8/uint8 numpy, may be
     memory-mapped) and, with ``params.add_data_on_build``, add it with ids ``0..N-1``.
@@ -130,7 +132,7 @@ def build(params: IndexParams, dataset, *, device=None, progress: bool = False) 
     sample = _sample(dataset, params.kmeans_trainset_fraction, params.n_lists, gen)
     points = _normalized(sample) if params.metric == "cosine" else sample
     log.info("IVF-PQ build: k-means of %d of %d vectors into %d lists", len(sample), N, params.n_lists)
-    with progress_bar(params.kmeans_n_iters, "IVF k-means", progress) as bar:
+    with kmeans_progress(params.kmeans_n_iters, "IVF k-means", progress) as bar:
         centers = kmeans(points, params.n_lists, niter=params.kmeans_n_iters, seed=gen, device=device,
                          progress=bar)
     del points
@@ -176,12 +178,14 @@ def _list_counts(index: Index, vectors, progress: bool) -> torch.Tensor:
     of coarse assignment only, about a sixth of the cost of adding)."""
     counts_L = torch.zeros(index.n_lists, dtype=torch.int64)
     normalize = index.metric == "cosine"
-    for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ list sizes", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ list sizes", enabled=progress,
+                          leave=False):
         list_nos = index.assign(float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize))
         counts_L += torch.bincount(list_nos.cpu(), minlength=index.n_lists)
     return counts_L
 
 
+@accepts_tensors
 def extend(index: Index, vectors, ids=None, *, progress: bool = False) -> Index:
     """Add ``vectors`` with ``ids`` (integers in ``[0, 2**63)``; default: continuing ``0, 1,
     ...`` after the current size) to their lists; returns ``index`` (updated in place). Ids
@@ -196,7 +200,7 @@ def extend(index: Index, vectors, ids=None, *, progress: bool = False) -> Index:
     if len(vectors) > CHUNK_ROWS:                 # a bulk load: size the lists once, then fill them
         index.lists.reserve(_list_counts(index, vectors, progress))
     with index.lists.bulk_add():
-        for i in tqdm(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ add", disable=not progress, leave=False):
+        for i in progress_bar(range(0, len(vectors), CHUNK_ROWS), desc="IVF-PQ add", disable=not progress, leave=False):
             x_ND = float_rows(vectors[i:i + CHUNK_ROWS], index.device, normalize)
             list_nos = index.assign(x_ND)
             ids_n = ids[i:i + CHUNK_ROWS].astype(np.int64)

@@ -23,6 +23,7 @@ from .. import validation
 from ..errors import InputError
 from ..packing import unpack_codes
 from ..rerank import refine, refine_with_codec
+from ..tensor_io import accepts_tensors
 from .index import Index, check_vectors, float_rows
 from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 
@@ -271,6 +272,7 @@ def _to_metric(index: Index, dist_QK: torch.Tensor) -> torch.Tensor:
     return dist_QK
 
 
+@accepts_tensors
 def search(search_params: SearchParams, index: Index, queries, k: int, *,
            workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` approximate nearest neighbours of each query: ``(distances, neighbors)``,
@@ -315,6 +317,7 @@ def _check_database(index: Index, dataset, codes) -> None:
                          f"holds {len(codes)} rows; pass the codes of the database the index was built from")
 
 
+@accepts_tensors
 def search_and_refine(search_params: SearchParams, index: Index, queries, k: int, *, refine_ratio: float = 2,
                       dataset=None, codec=None, codes=None,
                       workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[np.ndarray, np.ndarray]:
