@@ -1,9 +1,10 @@
 """The codec tasks of the command line: ``train``, ``eval``, ``eval_valset``, ``encode``,
-``demo`` and ``search`` without ``index=`` (exhaustive search over the decoded database).
+``convert``, ``demo`` and ``search`` without ``index=`` (exhaustive search over the decoded database).
 
     qinco2 task=train model_args=qinco2-S db=sift-photos M=8 output=runs/s8.pt
     qinco2 task=eval model=runs/s8.pt db=sift-photos A=16 B=32
     qinco2 task=encode model=runs/s8.pt db=sift-photos output=runs/s8_db.npy
+    qinco2 task=convert model=qinco2_L-bigann1M-8x8.pt output=models/qinco2_L-bigann1M-8x8.pt
 
 ``eval`` and ``search`` rank the decoded database by the data set's metric (``l2``, or ``ip``
 for inner-product sets such as ``wordnet-minilm``), or by ``metric=l2|ip``.
@@ -147,6 +148,23 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
         print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")
     return {"task": "encode", "output": output, "dataset": ds.name, "split": what,
             "shape": r["shape"], "model_sha": r["model_sha"]}
+
+
+def task_convert(args: CliArgs, given: set[str], device: str) -> dict:
+    """``task=convert``: a model file of the reference QINCo release into a qinco2 model file."""
+    from ..codec.codec import QincoCodec
+
+    source = require(args, "model", "path of a model file of the reference QINCo release")
+    output = require(args, "output", "path of the qinco2 model file to write, e.g. models/converted.pt")
+    codec = QincoCodec.from_reference(source)
+    codec.save(output)
+    cfg = codec.model_.cfg
+    result = {"task": "convert", "model": source, "output": output, "D": cfg.D, "M": cfg.M, "K": cfg.K,
+              "L": cfg.L, "de": cfg.E, "dh": cfg.dh, "A": cfg.A, "B": cfg.B, "ivf_K": cfg.ivf_K,
+              "codeword_skip": cfg.codeword_skip, "double_skip": cfg.double_skip}
+    print_table([[k, v] for k, v in result.items() if k != "task"])
+    print(f"wrote {output}; use it as model={output} (task=eval, encode, search)")
+    return result
 
 
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:

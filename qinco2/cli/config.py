@@ -39,7 +39,8 @@ class CliArgs:
     output: Optional[str] = _key(None, "the file the task writes; never one of its inputs")
     resume: bool = _key(False, "train: continue the training saved in output=; search: continue its log")
     overwrite: bool = _key(False, "train: replace an existing output= by a new model")
-    model: Optional[str] = _key(None, "a trained QINCo2 model file (train: start from it)")
+    model: Optional[str] = _key(None, "a trained QINCo2 model file (train: start from it; convert: "
+                                      "a file of the reference QINCo release)")
     model_args: Optional[str] = _key(None, "the architecture preset, e.g. qinco2-S (null = qinco2-S)")
     L: Optional[int] = _key(None, "residual blocks per step (null = the preset's)")
     dh: Optional[int] = _key(None, "hidden dimension of the residual blocks (null = the preset's)")

@@ -49,6 +49,8 @@ TASKS_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
                      ("index", "n_probes", *IVFPQ_SEARCH_KEYS, "k", "refine", "refine_ratio", "model",
                       "encoded_db", "output", *DATA_KEYS, *DB_SPLIT)),
     "demo": ("train and evaluate a small QINCo2 on synthetic data, against faiss RQ", ("output",)),
+    "convert": ("convert a model file of the reference QINCo release (model=) into a qinco2 model (output=)",
+                ("model", "output")),
 }
 TASK_KEYS: dict[str, tuple[str, ...]] = {
     task: tuple(dict.fromkeys((*COMMON_KEYS, *keys))) for task, (_, keys) in TASKS_HELP.items()}

@@ -40,7 +40,7 @@ TASKS = {"train": codec_tasks.task_train, "eval": codec_tasks.task_eval,
          "train_pairwise_decoder": ivfsearch_tasks.task_train_pairwise_decoder,
          "build_index": ivfsearch_tasks.task_build_index,
          "ivfpq_build": ivfpq_tasks.task_ivfpq_build, "ivfpq_search": ivfpq_tasks.task_ivfpq_search,
-         "demo": codec_tasks.task_demo}
+         "demo": codec_tasks.task_demo, "convert": codec_tasks.task_convert}
 assert set(TASKS) == set(TASKS_HELP), "every task has its keys in qinco2.cli.keys"
 
 

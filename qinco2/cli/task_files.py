@@ -24,6 +24,7 @@ TASK_INPUTS = {
     "demo": (),
     "ivf_centroids": DATA_KEYS,
     "encode": ("model", *DATA_KEYS),
+    "convert": ("model",),
     "train_pairwise_decoder": ("ivf_centroids", "encoded_trainset", *DATA_KEYS),
     "build_index": ("ivf_centroids", "encoded_trainset", "encoded_db", *DATA_KEYS),
     "search": ("model", "index", "encoded_db", "pairwise_decoder", *DATA_KEYS),

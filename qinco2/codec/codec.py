@@ -18,6 +18,7 @@ from ..validation import check_codes, check_vectors
 from .code_layout import CodeLayout
 from .encode import DEFAULT_MAX_BYTES, encode
 from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
+from .reference import model_from_reference
 from .sizing import SMALL_DATA_PATIENCE, fit_to_data
 from .train import TrainConfig, TrainState, fit, initialize
 
@@ -75,6 +76,7 @@ class QincoCodec:
 
     @property
     def presets(self) -> list[str]:
+        """Names of the presets :meth:`from_preset` knows."""
         return sorted(PRESETS)
 
     # ------------------------------------------------------------------ checks
@@ -85,6 +87,7 @@ class QincoCodec:
 
     @property
     def dim(self) -> int:
+        """Dimension ``D`` of the vectors the trained model encodes."""
         return self._model().cfg.D
 
     @property
@@ -274,6 +277,16 @@ class QincoCodec:
         codec.model_config = codec.model_.cfg
         return codec
 
+    @classmethod
+    def from_reference(cls, path, *, device=None) -> "QincoCodec":
+        """A codec from a model file of the reference QINCo release (QINCo2, IVF-QINCo2 or a
+        pickled QINCo1; :mod:`qinco2.codec.reference` lists what is read); :meth:`save` then
+        writes it as a qinco2 model file."""
+        model = model_from_reference(path)
+        codec = cls(model.cfg, device=device)
+        codec.model_ = model.to(codec.device)
+        return codec
+
     @staticmethod
     def _build(payload: dict) -> QincoModel:
         """The model of a :func:`~qinco2.checkpoint.load_checkpoint` payload; ModelFileError
@@ -293,6 +306,7 @@ class QincoCodec:
         return model
 
     def to(self, device) -> "QincoCodec":
+        """Move the model to ``device`` (``"cpu"``, ``"cuda"``, a torch device); returns ``self``."""
         self.device = _as_device(device)
         if self.model_ is not None:
             self.model_.to(self.device)

@@ -64,6 +64,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """The architecture of preset ``name`` (``qinco1``, ``qinco2-S/M/L``) with ``overrides``."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
@@ -96,6 +97,7 @@ class ModelConfig:
         return cfg
 
     def validated(self) -> "ModelConfig":
+        """``self``, or :class:`ConfigError` naming the first field out of its range."""
         for key in ("M", "K", "dh"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model field {key} must be >= 1, got {getattr(self, key)}")
@@ -109,9 +111,11 @@ class ModelConfig:
 
     @property
     def E(self) -> int:
+        """Width of the step network's hidden space: ``de``, or ``D`` when ``de`` is unset."""
         return self.de or self.D
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (stored in model files)."""
         return dataclasses.asdict(self)
 
 

@@ -28,9 +28,8 @@ from .rq_init import initialize as initialize
 log = logging.getLogger(__name__)
 
 PRESET_TRAINING: dict[str, dict] = {
-    "qinco1": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, grad_clip=None, scheduler="plateau",
-                   patience=20, init_noise=0.0, codeword_reset=False, normalization="max_abs",
-                   full_epochs=True),
+    "qinco1": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, grad_clip=None, scheduler="plateau", patience=20,
+                   init_noise=0.0, codeword_reset=False, normalization="max_abs", full_epochs=True),
     "qinco2-S": {}, "qinco2-M": {}, "qinco2-L": {},
 }
 
@@ -66,6 +65,7 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The training settings of preset ``name`` with ``overrides``, validated."""
         if name not in PRESET_TRAINING:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESET_TRAINING)}")
         return cls(**{**PRESET_TRAINING[name], **overrides}).validated()

@@ -58,16 +58,17 @@ class Index:
         # file written before qinco2 recorded them)
         self.fingerprint: DataFingerprint | None = DataFingerprint()
 
-    n_lists = property(lambda self: self.params.n_lists)
-    pq_dim = property(lambda self: self.params.pq_dim)
-    pq_bits = property(lambda self: self.params.pq_bits)
-    metric = property(lambda self: self.params.metric)
-    rot_dim = property(lambda self: self.rotation_matrix.shape[0])
-    pq_len = property(lambda self: self.rot_dim // self.pq_dim)
-    pq_book_size = property(lambda self: 1 << self.pq_bits)
-    code_bytes = property(lambda self: self.params.pq_dim * self.params.pq_bits // 8)
-    size = property(lambda self: self.lists.ntotal)
-    list_sizes = property(lambda self: self.lists.size.numpy().copy())
+    n_lists = property(lambda self: self.params.n_lists, doc="Number of inverted lists (coarse clusters).")
+    pq_dim = property(lambda self: self.params.pq_dim, doc="Sub-vectors per code (bytes per code at 8 bits).")
+    pq_bits = property(lambda self: self.params.pq_bits, doc="Bits per sub-vector code (4 to 8).")
+    metric = property(lambda self: self.params.metric, doc="sqeuclidean, inner_product or cosine.")
+    rot_dim = property(lambda self: self.rotation_matrix.shape[0], doc="Dimension after the rotation.")
+    pq_len = property(lambda self: self.rot_dim // self.pq_dim, doc="Dimension of one sub-vector.")
+    pq_book_size = property(lambda self: 1 << self.pq_bits, doc="Codewords per PQ codebook (2^pq_bits).")
+    code_bytes = property(lambda self: self.params.pq_dim * self.params.pq_bits // 8,
+                          doc="Bytes of one packed PQ code.")
+    size = property(lambda self: self.lists.ntotal, doc="Number of vectors in the index.")
+    list_sizes = property(lambda self: self.lists.size.numpy().copy(), doc="Vectors per list, ``(n_lists,)`` int.")
 
     def __len__(self) -> int:
         return self.size
@@ -82,6 +83,7 @@ class Index:
         return unpack_codes(self.lists.codes[self.lists.list_rows(l)], self.pq_dim, self.pq_bits).cpu().numpy()
 
     def list_ids(self, l: int) -> np.ndarray:
+        """Ids ``(size,)`` int64 of the vectors in list ``l``."""
         return self.lists.ids[self.lists.list_rows(l)].cpu().numpy()
 
     def nbytes(self) -> int:
@@ -91,6 +93,7 @@ class Index:
 
     # ------------------------------------------------------------------ maths
     def rotate(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """``x_ND`` in the rotated space ``(N, rot_dim)`` of the codes."""
         if self.rot_dim == self.dim and not self.params.force_random_rotation:
             return x_ND                                     # identity rotation
         return x_ND @ self.rotation_matrix.T

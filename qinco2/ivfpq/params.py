@@ -78,6 +78,7 @@ class SearchParams:
     preferred_smem_carveout: float = 1.0
 
     def validated(self) -> SearchParams:
+        """``self`` with the dtypes resolved, or :class:`ConfigError` naming the setting out of range."""
         if not isinstance(self.n_probes, (int, np.integer)) or self.n_probes < 1:
             raise ConfigError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
         lut = _dtype_name(self.lut_dtype, LUT_DTYPES, "lut_dtype")
