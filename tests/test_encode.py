@@ -228,3 +228,15 @@ def test_frozen_codebook_norms_are_computed_once_and_follow_the_table():
     model.load_state_dict(state)                             # an in-place write: new version
     torch.testing.assert_close(step.codebook_sq_norms(), (state["steps.0.codebook"] ** 2).sum(-1))
     assert model.steps[1].codebook_sq_norms() is None        # trained codebooks: not cached
+
+
+def test_default_chunk_memory_is_small_on_the_cpu_and_large_on_a_gpu(monkeypatch):
+    from qinco2.codec import encode as encode_module
+
+    assert encode_module.default_max_bytes("cpu") == 256 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    assert encode_module.default_max_bytes("cuda") == 4 * 2**30           # capped
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 140 * 2**30))
+    assert encode_module.default_max_bytes("cuda:0") == 2 * 2**30          # a quarter of what is free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**29, 140 * 2**30))
+    assert encode_module.default_max_bytes("cuda") == 256 * 2**20          # never below the CPU's

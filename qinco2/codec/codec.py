@@ -16,7 +16,7 @@ from ..ivf import check_centroids
 from ..tensor_io import accepts_tensors
 from ..validation import check_codes, check_vectors
 from .code_layout import CodeLayout
-from .encode import DEFAULT_MAX_BYTES, encode
+from .encode import encode
 from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
 from .reference import model_from_reference
 from .sizing import SMALL_DATA_PATIENCE, fit_to_data
@@ -194,10 +194,12 @@ class QincoCodec:
     # ------------------------------------------------------------------ inference
     @accepts_tensors
     def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None, packed: bool = False,
-               batch_size: int = 65_536, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+               batch_size: int = 65_536, max_bytes: int | None = None) -> np.ndarray:
         """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values.
         ``packed``: ``(N, code_size)`` uint8 instead, the vectors at their real size (as faiss's
-        ``sa_encode``; :attr:`code_layout` gives the byte layout)."""
+        ``sa_encode``; :attr:`code_layout` gives the byte layout). ``max_bytes``: working memory
+        of one chunk of rows (default 256 MiB on the CPU, up to 4 GiB on a GPU); codes do not
+        depend on it."""
         model = self._model()
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a whole number >= 1 (rows per batch), got {batch_size!r}; "

@@ -14,7 +14,19 @@ import torch
 
 from .model import QincoModel, Step
 
-DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_MAX_BYTES = 256 * 2**20      # encoder working memory per chunk on the CPU
+GPU_MAX_BYTES = 4 * 2**30           # on a GPU: at most this, and a quarter of its free memory
+
+
+def default_max_bytes(device: torch.device | str) -> int:
+    """Working memory of one encoding chunk on ``device``: 256 MiB on the CPU (bigger chunks
+    gain nothing there); on a GPU min(4 GiB, a quarter of its free memory), since small chunks
+    leave it idle (H200, qinco2-S A=16 B=32: 16k vectors/s with 256 MiB, 22k with 4 GiB)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_MAX_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(DEFAULT_MAX_BYTES, min(GPU_MAX_BYTES, free // 4))
 
 
 def _sq_dists_to_codebook(r_NBD: torch.Tensor, C_KD: torch.Tensor,
@@ -103,11 +115,13 @@ def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
 
 
 def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int,
-           max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`beam_search` over chunks of rows so that the working memory stays under ``max_bytes``.
+           max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`beam_search` over chunks of rows so that the working memory stays under ``max_bytes``
+    (default: :func:`default_max_bytes` of the rows' device).
 
     The codes do not depend on the chunking.
     """
+    max_bytes = default_max_bytes(u_ND.device) if max_bytes is None else max_bytes
     chunk = max(1, max_bytes // bytes_per_vector(model, A, B))
     if u_ND.shape[0] <= chunk:
         return beam_search(model, u_ND, A, B)
