@@ -16,13 +16,14 @@ from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
 from .errors import ConfigError, DatasetError, InputError, ModelFileError, NotTrainedError, QincoError, VectorFileError
 from .formats import count_vectors, open_vectors, read_vectors, verify_vectors, write_vectors
 from .ivf import assign_to_centroids, train_ivf_centroids
+from .ivfsearch import IVFQincoIndex
 
 __all__ = [
     "QincoCodec", "ModelConfig", "TrainConfig", "PRESETS",
     "Dataset", "DataLimits", "resolve_dataset", "make_synthetic",
     "open_vectors", "read_vectors", "write_vectors", "count_vectors", "verify_vectors",
     "train_ivf_centroids", "assign_to_centroids", "encode_to_file", "load_encoded", "convert_codes",
-    "to_faiss_index_qinco",
+    "to_faiss_index_qinco", "IVFQincoIndex",
     "QincoError", "ConfigError", "DatasetError", "InputError", "ModelFileError",
     "NotTrainedError", "VectorFileError", "__version__",
 ]

@@ -7,6 +7,9 @@ r"""The IVF-QINCo2 search tasks of the command line: ``ivf_centroids``,
     qinco2 task=search db=sift-photos model=runs/ivf_s8.pt index=runs/ivf.index \
         encoded_db=runs/ivf_s8_db.npy nprobe=[4,16,64] nshort=[10,100,1000]
 
+``index=`` may also be the folder of a saved :class:`~qinco2.ivfsearch.index.IVFQincoIndex`
+(``index.save(path)``), which holds its codes, ids, metric and pairwise decoder.
+
 Each task calls :mod:`qinco2.ivfsearch.pipeline` (or :mod:`qinco2.ivf`) and prints.
 """
 
@@ -39,7 +42,7 @@ def task_ivf_centroids(args: CliArgs, given: set[str], device: str) -> dict:
     start = time.perf_counter()
     if args.niter < 1:
         raise ConfigError(f"niter={args.niter}: k-means needs at least one iteration")
-    centroids = train_ivf_centroids(x_train, K, niter=args.niter, seed=args.seed, progress=args.verbose,
+    centroids = train_ivf_centroids(x_train, K, niter=args.niter, seed=args.seed, progress=args.progress,
                                     device=device)
     train_s = time.perf_counter() - start
     write_vectors(output, centroids)
@@ -62,7 +65,7 @@ def task_train_pairwise_decoder(args: CliArgs, given: set[str], device: str) -> 
     x_train, x_val = ds.train_val(data_limits(args))
     r = train_pairwise_decoder(centroids, encoded, x_train, x_val, output,
                                n_pairs_per_step=args.n_pairs_per_step, mse_scale=ds.mse_scale,
-                               seed=args.seed, progress=args.verbose)
+                               seed=args.seed, progress=args.progress)
     print_table([["pairwise additive", r["mse"]], ["plain additive (AQ)", r["additive_mse"]]],
                 [f"decoder ({r['n_train']} training codes)", f"MSE (mse_scale={ds.mse_scale:g})"])
     print(f"wrote the pairwise decoder ({r['n_tables']} tables) to {output}")
@@ -79,7 +82,7 @@ def task_build_index(args: CliArgs, given: set[str], device: str) -> dict:
     ds = open_dataset(args)
     x_train, x_val = ds.train_val(data_limits(args))
     r = build_index_file(centroids, train, db, x_train, x_val, output, db_rows=args.ds.db,
-                         progress=args.verbose)
+                         progress=args.progress)
     print(f"wrote {r['factory']} with {r['n_db']} vectors to {output}")
     return {"task": "build_index", "dataset": ds.name, **r}
 
@@ -88,7 +91,7 @@ def task_search_index(args: CliArgs, given: set[str], device: str) -> dict:
     """``task=search`` with ``index=``: a sweep of the IVF-QINCo2 pipeline over the grid keys."""
     from ..ivfsearch.pipeline import search_index
 
-    if args.encoded_db is None:
+    if args.encoded_db is None and not Path(args.index).is_dir():     # a saved IVFQincoIndex holds its codes
         raise ConfigError("task=search with index= needs encoded_db=<codes of the database>: "
                           "produce it with `qinco2 task=encode model=<model.pt> db=<vectors> "
                           "output=db_codes.npy`")
@@ -101,7 +104,7 @@ def task_search_index(args: CliArgs, given: set[str], device: str) -> dict:
     r = search_index(codec, args.index, args.encoded_db, ds.query_vectors(), ds.ground_truth(),
                      grid=grid, pairwise_decoder=args.pairwise_decoder, output=args.output,
                      resume=args.resume, threads=args.threads, db_rows=args.ds.db,
-                     progress=args.verbose)
+                     metric=args.metric if "metric" in given else None, progress=args.progress)
     columns = [*GRID_KEYS, "R@1", "R@10", "R@100", "qps"]
     print_table([[p[c] for c in columns] for p in r["pareto"]], columns)
     print(f"{r['n_runs']} settings in the log ({r['n_new_runs']} new); Pareto front above"

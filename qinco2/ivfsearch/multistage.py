@@ -23,11 +23,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_open
 from ..errors import ConfigError, InputError
 from ..metrics import recall_at
+from ..progress import progress_bar
 from ..rerank import exact_rerank
 from ..validation import check_codes, check_vectors
 
@@ -64,6 +64,7 @@ class SearchParams:
     nmid_short: int = 0
 
     def validated(self) -> "SearchParams":
+        """``self``, or :class:`ConfigError` naming the first parameter out of its range."""
         for f in dataclasses.fields(self):
             value, low = getattr(self, f.name), 0 if f.name == "nmid_short" else 1
             if not isinstance(value, (int, np.integer)) or value < low:
@@ -76,15 +77,26 @@ class SearchParams:
         return min(max(self.nmid_short * self.nshort, self.nshort), MAX_N1)
 
     def as_dict(self) -> dict:
+        """The parameters as a plain dict of ints (the keys of a search log)."""
         return {f.name: int(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 # ---------------------------------------------------------------------------- pipeline stages
-def _exact_top(q_QD: np.ndarray, ids_QS: np.ndarray, decode, db_codes, n: int, batch_rows: int):
-    """The ids ``(Q, n)`` of the ``n`` candidates nearest to each query by exact L2 to their
-    ``decode``-d codes (-1 padded)."""
+def _exact_top(q_QD: np.ndarray, ids_QS: np.ndarray, decode, db_codes, n: int, batch_rows: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and ids ``(Q, n)`` of the ``n`` candidates nearest to each query by the exact
+    ``metric`` (of :func:`qinco2.rerank.exact_rerank`) to their ``decode``-d codes (-1 padded)."""
     return exact_rerank(q_QD, ids_QS, lambda ids: decode(np.asarray(db_codes[ids])), n,
-                        batch_rows=batch_rows)[1]
+                        metric=metric, batch_rows=batch_rows)
+
+
+def _shortlist_distances(dist_QS: np.ndarray, ids_QS: np.ndarray, metric: str) -> np.ndarray:
+    """The faiss stage's distances in the convention of :func:`qinco2.rerank.exact_rerank`
+    (-1 ids: inf, or -inf for inner products). ``cosine`` runs on an L2 index of unit vectors,
+    where ``||q - x||^2 = 2 (1 - cos)``: exact for unit-norm reconstructions."""
+    largest = metric == "inner_product"
+    out = np.asarray(dist_QS, dtype=np.float32) / (2 if metric == "cosine" else 1)
+    return np.where(ids_QS >= 0, out, -np.inf if largest else np.inf).astype(np.float32)
 
 
 def _check_search_inputs(index, codec, db_codes, queries) -> np.ndarray:
@@ -98,7 +110,8 @@ def _check_search_inputs(index, codec, db_codes, queries) -> np.ndarray:
 
 
 def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, pairwise=None,
-                      k: int = 100, gt=None, batch_rows: int = 65_536) -> tuple[np.ndarray, dict]:
+                      k: int = 100, gt=None, batch_rows: int = 65_536,
+                      metric: str = "sqeuclidean") -> tuple[np.ndarray, dict]:
     """Ids ``(Q, k)`` of the nearest database vectors (-1 where fewer candidates), and a dict
     of the stage times in seconds (``t_search``, ``t_mid_rerank``, ``t_decode``, ``t_rerank``,
     ``t_total``) plus, when the true neighbours ``gt`` are given, ``recalls_before_rerank``
@@ -106,8 +119,21 @@ def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, 
 
     ``db_codes`` ``(Nb, 1+M)``: the codes the index was built from; ``codec``: the IVF QINCo2
     codec that made them; ``pairwise``: an optional :class:`~qinco2.ivfsearch.pairwise.PairwiseDecoder`.
-    ``batch_rows`` candidates are decoded at a time.
+    ``batch_rows`` candidates are decoded at a time. ``metric``: that of the exact re-ranks
+    (``sqeuclidean``, ``inner_product`` or ``cosine``, :func:`qinco2.rerank.exact_rerank`).
     """
+    _, ids, stats = multistage_knn(index, codec, db_codes, queries, params, pairwise=pairwise, k=k, gt=gt,
+                                   batch_rows=batch_rows, metric=metric)
+    return ids, stats
+
+
+def multistage_knn(index, codec, db_codes, queries, params: SearchParams, *, pairwise=None,
+                   k: int = 100, gt=None, batch_rows: int = 65_536,
+                   metric: str = "sqeuclidean") -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`multistage_search` with the distances: ``(D, I, stats)``, ``D`` ``(Q, k)`` float32
+    as :func:`qinco2.rerank.exact_rerank` gives them for ``metric``, to the QINCo2-decoded
+    vectors; with ``nshort=1`` nothing is decoded and ``D`` is that of the shortlist stage
+    (the pairwise-decoded vectors, or faiss' additive reconstructions)."""
     params = params.validated()
     q_QD = _check_search_inputs(index, codec, db_codes, queries)
     nshort, n1 = params.nshort, params.n1
@@ -116,13 +142,15 @@ def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, 
     t0 = time.perf_counter()
     hnsw_params = faiss.SearchParametersHNSW(efSearch=params.quantizer_efSearch)
     ivf_params = faiss.SearchParametersIVF(nprobe=params.nprobe, quantizer_params=hnsw_params)
-    _, ids = index.search(q_QD, n1, params=ivf_params)
+    dist, ids = index.search(q_QD, n1, params=ivf_params)
     times["t_search"] = time.perf_counter() - t0
 
     if pairwise is not None and params.nmid_short > 1 and n1 > nshort:
         t0 = time.perf_counter()
-        ids = _exact_top(q_QD, ids, pairwise.decode, db_codes, nshort, batch_rows)
+        dist, ids = _exact_top(q_QD, ids, pairwise.decode, db_codes, nshort, batch_rows, metric)
         times["t_mid_rerank"] = time.perf_counter() - t0
+    else:
+        dist = _shortlist_distances(dist, ids, metric)
     shortlist = ids[:, :nshort]
     stats = {}
     if gt is not None:
@@ -130,7 +158,8 @@ def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, 
 
     if nshort == 1:                     # nothing to re-rank: the decode timers stay at zero
         out = np.full((len(q_QD), k), -1, dtype=np.int64)
-        out[:, :1] = shortlist
+        out_dist = np.full((len(q_QD), k), -np.inf if metric == "inner_product" else np.inf, dtype=np.float32)
+        out[:, :1], out_dist[:, :1] = shortlist, dist[:, :1]
     else:
         decode_time = [0.0]
 
@@ -141,11 +170,11 @@ def multistage_search(index, codec, db_codes, queries, params: SearchParams, *, 
             return xhat
 
         t0 = time.perf_counter()
-        out = _exact_top(q_QD, shortlist, timed_decode, db_codes, k, batch_rows)
+        out_dist, out = _exact_top(q_QD, shortlist, timed_decode, db_codes, k, batch_rows, metric)
         times["t_decode"] = decode_time[0]
         times["t_rerank"] = time.perf_counter() - t0 - decode_time[0]
     times["t_total"] = sum(times[t] for t in TIMERS)
-    return out, {**times, **stats}
+    return out_dist, out, {**times, **stats}
 
 
 # ---------------------------------------------------------------------------- sweep
@@ -234,9 +263,10 @@ def load_runs(path) -> list[dict]:
     return runs
 
 
-def _run_one(index, codec, db_codes, q_QD, gt, p: tuple, pairwise, k: int) -> dict:
+def _run_one(index, codec, db_codes, q_QD, gt, p: tuple, pairwise, k: int, metric: str) -> dict:
     params = SearchParams(*p)
-    ids, stats = multistage_search(index, codec, db_codes, q_QD, params, pairwise=pairwise, k=k, gt=gt)
+    ids, stats = multistage_search(index, codec, db_codes, q_QD, params, pairwise=pairwise, k=k, gt=gt,
+                                   metric=metric)
     recalls = {str(r): v for r, v in recall_at(ids, gt, RECALL_KS).items()}
     return {"parameters": params.as_dict(), "recalls": recalls, **stats,
             "n_queries": len(q_QD), "qps": len(q_QD) / max(stats["t_total"], 1e-12)}
@@ -244,13 +274,14 @@ def _run_one(index, codec, db_codes, q_QD, gt, p: tuple, pairwise, k: int) -> di
 
 def sweep(index, codec, db_codes, queries, gt, grid: dict[str, list], *, pairwise=None, log_path=None,
           resume: bool = False, threads: int | None = None, key: str = "R@1", k: int = 100,
-          known_good=KNOWN_GOOD, progress: bool = True) -> list[dict]:
+          known_good=KNOWN_GOOD, progress: bool = True, metric: str = "sqeuclidean") -> list[dict]:
     """Run :func:`multistage_search` over the grid of :class:`SearchParams` values (missing
     names: the defaults; ``nmid_short`` is 0 without ``pairwise``), skipping settings that
     cannot be Pareto-optimal for ``key`` vs time (:func:`is_pruned`), closest to ``known_good``
     first. Returns all runs (loaded and new). ``log_path``: JSON log rewritten atomically after
     each run; ``resume``: continue a log, skipping the settings already in it. ``threads``:
-    faiss and torch threads during the sweep (restored after)."""
+    faiss and torch threads during the sweep (restored after); ``metric``: that of the exact
+    re-ranks (:func:`multistage_search`)."""
     points = order_points(_grid_points(grid, pairwise), known_good)
     log_path = Path(log_path) if log_path is not None else None
     runs = load_runs(log_path) if resume and log_path is not None and log_path.is_file() else []
@@ -265,16 +296,16 @@ def sweep(index, codec, db_codes, queries, gt, grid: dict[str, list], *, pairwis
         torch.set_num_threads(threads)
     env, warm, n_pruned = _environment(threads), False, 0
     try:
-        for p in tqdm(points, desc="search sweep", disable=not progress, leave=False):
+        for p in progress_bar(points, desc="search sweep", disable=not progress, leave=False):
             if _key_of(p) in done:
                 continue
             if is_pruned(p, runs, key):
                 n_pruned += 1
                 continue
             if not warm:                # warm up both decoders and the index before timing
-                _run_one(index, codec, db_codes, q_QD[:8], gt[:8], p, pairwise, k)
+                _run_one(index, codec, db_codes, q_QD[:8], gt[:8], p, pairwise, k, metric)
                 warm = True
-            run = _run_one(index, codec, db_codes, q_QD, gt, p, pairwise, k)
+            run = _run_one(index, codec, db_codes, q_QD, gt, p, pairwise, k, metric)
             runs.append(run)
             done.add(_key_of(p))
             log.info("%s R@1=%.4f R@10=%.4f R@100=%.4f %.1f QPS", run["parameters"], run["recalls"]["1"],

@@ -17,12 +17,12 @@ from functools import partial
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..kmeans import kmeans
 from ..metrics import mse
+from ..progress import progress_bar
 from ..validation import check_codes, check_finite, check_vectors
 from .aq import additive_decode, fit_additive_codebooks
 
@@ -133,7 +133,7 @@ def greedy_pair_tables(rows, n: int, L: int, D: int, K: int, J: int, eval_rows: 
     group_size = group_size or len(candidates)
     out = np.zeros((J, K * K, D), dtype=np.float32)
     pairs, tables, mses = [], [], []
-    for j in tqdm(range(J), desc="pairwise tables", disable=not progress, leave=False):
+    for j in progress_bar(range(J), desc="pairwise tables", disable=not progress, leave=False):
         best = None
         for g in range(0, len(candidates), group_size):
             group = candidates[g:g + group_size]
@@ -190,6 +190,7 @@ class PairwiseDecoder:
             setattr(self, name, None)
 
     def get_params(self) -> dict:
+        """The constructor's parameters (stored in decoder files)."""
         return {"n_pairs_per_step": self.n_pairs_per_step, "ivf_subcode_levels": self.ivf_subcode_levels,
                 "K": self.K, "seed": self.seed, "eval_rows": self.eval_rows}
 

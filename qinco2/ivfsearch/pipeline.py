@@ -15,21 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec.codes_io import SIZE_KEYS, load_encoded, model_sha
-from ..errors import ConfigError, DatasetError, InputError, ModelFileError
+from ..codec.codes_io import SIZE_KEYS, load_encoded
+from ..errors import ConfigError, DatasetError, InputError
 from ..formats import read_vectors
 from ..ivf import check_centroids
 from ..rows import RowStack
-from .multistage import load_runs, pareto_front, plot_pareto, sweep
+from .index import IVFQincoIndex
+from .multistage import load_runs, pareto_front, plot_pareto
 from .pairwise import PairwiseDecoder
-from .shortlist import build_index, factory_string, load_index, save_index
+from .shortlist import build_index, factory_string, save_index
 
 log = logging.getLogger(__name__)
 
 ENCODE_TRAIN_HINT = ("encode the training split with `qinco2 task=encode encode_trainset=true "
                      "model=<model.pt> trainset=<vectors> output={path}` and the same "
                      "ds.trainset and ds.valset")
-ENCODE_DB_HINT = "encode the database with `qinco2 task=encode model={model} db=<vectors> output={path}`"
 
 # Query-time settings tried by search_index when the caller gives none (pruned by the sweep).
 DEFAULT_GRID = {"nprobe": [1, 4, 16, 64], "quantizer_efSearch": [16, 64, 256],
@@ -75,22 +75,6 @@ def check_same_model(a: dict, a_path, b: dict, b_path) -> None:
                          "different models; encode the training set and the database with the same model")
 
 
-def load_pairwise_for(path, codec, index) -> PairwiseDecoder:
-    """A pairwise decoder file, checked against the codec's code sizes and the index's lists."""
-    if not Path(path).is_file():
-        raise ModelFileError(f"pairwise decoder file {path} does not exist; train one with `qinco2 "
-                             "task=train_pairwise_decoder ivf_centroids=<centroids.npy> "
-                             f"encoded_trainset=<train codes.npy> output={path}`")
-    dec = PairwiseDecoder.load(path)
-    have = (dec.M_, dec.K, len(dec.ivf_centroids_))
-    want = (codec.n_codes - 1, codec.model_config.K, index.nlist)
-    if have != want:
-        raise InputError(f"pairwise decoder {path} decodes codes with (M, K, IVF lists) = {have} but the "
-                         f"model and index have {want}; train it with `qinco2 task=train_pairwise_decoder` "
-                         "on codes of this model")
-    return dec
-
-
 # ---------------------------------------------------------------------------- tasks
 def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, output, *,
                            n_pairs_per_step: float = 2, mse_scale: float = 1.0, seed: int = 0,
@@ -130,31 +114,35 @@ def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val
 
 def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | None = None,
                  pairwise_decoder=None, output=None, resume: bool = False, threads: int | None = None,
-                 db_rows: int | None = None, progress: bool = True) -> dict:
-    """Sweep the multi-stage search (:func:`qinco2.ivfsearch.multistage.sweep`) over ``grid`` (names of
-    :class:`~qinco2.ivfsearch.multistage.SearchParams` to value lists, missing names from
-    :data:`DEFAULT_GRID`). ``output``: JSON log, with its Pareto plot beside it (``.png``)."""
+                 db_rows: int | None = None, metric: str | None = None, progress: bool = True) -> dict:
+    """Sweep the multi-stage search (:meth:`~qinco2.ivfsearch.index.IVFQincoIndex.sweep`) over ``grid``
+    (names of :class:`~qinco2.ivfsearch.multistage.SearchParams` to value lists, missing names from
+    :data:`DEFAULT_GRID`). ``index_path``: the faiss index of :func:`build_index_file` (with
+    ``encoded_db``, the first ``db_rows`` codes it holds, and an optional ``pairwise_decoder``
+    file), or the folder of a saved :class:`~qinco2.ivfsearch.index.IVFQincoIndex` (which holds
+    its codes, ids, metric and decoder). ``metric``: when given, the index's metric must be it
+    (the metric is chosen when an index is built). ``output``: JSON log, with its Pareto plot
+    beside it (``.png``)."""
     if output is not None and Path(output).suffix.lower() == ".png":
         raise ConfigError(f"output={output}: the search log is JSON (its plot gets the .png name)")
-    db = load_encoded(encoded_db, require_ivf=True)
-    sha = model_sha(codec)
-    if db["model_sha"] is not None and db["model_sha"] != sha:
-        raise InputError(f"the codes in {encoded_db} come from model {db['model_sha']}, but the model given "
-                         f"is {sha}; {ENCODE_DB_HINT.format(model='<model.pt>', path=encoded_db)}")
-    db_codes = db["codes"][:db_rows]
-    index = load_index(index_path, model_sha=sha, n_db=len(db_codes))
-    pairwise = load_pairwise_for(pairwise_decoder, codec, index) if pairwise_decoder else None
+    if Path(index_path).is_dir():
+        index = IVFQincoIndex.load(index_path, codec)
+    else:
+        index = IVFQincoIndex.from_files(codec, index_path, encoded_db, pairwise_decoder=pairwise_decoder,
+                                         db_rows=db_rows)
+    if metric is not None and metric != index.metric:
+        raise ConfigError(f"metric={metric}, but the index {index_path} ranks by {index.metric} (the metric is "
+                          "chosen when the index is built); drop metric=, or build an index with "
+                          f"IVFQincoIndex(codec, metric={metric!r}) and save it")
     grid = {**DEFAULT_GRID, **(grid or {})}
-    grid["nprobe"] = [min(v, index.nlist) if isinstance(v, int) else v for v in grid["nprobe"]]
     n_before = len(load_runs(output)) if resume and output and Path(output).is_file() else 0
-    runs = sweep(index, codec, db_codes, queries, gt, grid, pairwise=pairwise, log_path=output,
-                 resume=resume, threads=threads, progress=progress)
+    runs = index.sweep(queries, gt, grid, log_path=output, resume=resume, threads=threads, progress=progress)
     plot = Path(output).with_suffix(".png") if output is not None and runs else None
     if plot is not None:
-        label = "QINCo2 + pairwise decoder" if pairwise else "QINCo2"
+        label = "QINCo2 + pairwise decoder" if index.pairwise_ else "QINCo2"
         plot_pareto({label: runs}, plot, title=f"{Path(index_path).name}: {len(queries)} queries")
     front = [{**r["parameters"], **{f"R@{k}": v for k, v in r["recalls"].items()}, "qps": r["qps"]}
              for r in pareto_front(runs)]
-    return {"n_db": len(db_codes), "n_queries": len(queries), "n_runs": len(runs),
-            "n_new_runs": len(runs) - n_before, "pareto": front,
+    return {"n_db": index.ntotal, "n_queries": len(queries), "n_runs": len(runs),
+            "n_new_runs": len(runs) - n_before, "pareto": front, "metric": index.metric,
             "log": None if output is None else str(output), "plot": None if plot is None else str(plot)}

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_open, atomic_path
 from ..errors import DatasetError, InputError
 from ..packing import pack_codes
+from ..progress import progress_bar
 from ..validation import check_codes, check_vectors
 from .aq import additive_decode, fit_additive_codebooks
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMAT_TAG = "qinco2-index"
 FORMAT_VERSION = 1
 NBITS = 8                     # bits per step code: the factory string uses RQ{M}x8
+FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 BUILD_HINT = ("rebuild it with `qinco2 task=build_index ivf_centroids=<centroids.npy> "
               "encoded_trainset=<train codes.npy> encoded_db=<db codes.npy> output={path}` "
               "from codes of this model and database")
@@ -96,28 +97,55 @@ def _check_ivf_codes(codes, C: int, M: int | None, what: str, scan: bool = True)
 
 
 # ---------------------------------------------------------------------------- build stages
-def fit_aq_tables(ivf_centroids_CD, train_codes, x_train_raw, *, K: int = 256,
-                  n_samples: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+class Residuals:
+    """The raw residuals ``x - c_ivf[i0]`` ``(N, D)`` float32 of training rows, computed for the
+    row slices read (``rows[a:b]``): the AQ fit streams them instead of holding ``N x D`` floats."""
+
+    ndim, dtype, itemsize = 2, np.dtype(np.float32), 4
+
+    def __init__(self, x_ND, codes_NM: np.ndarray, centroids_CD: np.ndarray):
+        self.x, self.codes, self.centroids = x_ND, codes_NM, centroids_CD
+        self.shape = (len(codes_NM), centroids_CD.shape[1])
+        self.size = self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi, _ = rows.indices(len(self))
+        return np.asarray(self.x[lo:hi], dtype=np.float32) - self.centroids[self.codes[lo:hi, 0]]
+
+
+def fit_aq_tables(ivf_centroids_CD, train_codes, x_train_raw, *, K: int = 256, n_samples: int = 1_000_000,
+                  chunk_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares AQ tables ``(M, K, D)`` on the raw residuals ``x - c_ivf[i0]`` of the first
-    ``n_samples`` training vectors, and the squared norms of their AQ reconstructions."""
+    ``n_samples`` training vectors, and the squared norms of their AQ reconstructions. The
+    vectors are read ``chunk_rows`` (and the fit's batch) rows at a time."""
     n = min(len(train_codes), n_samples)
     codes = np.asarray(train_codes[:n])
-    x_ND = np.asarray(x_train_raw[:n], dtype=np.float32)
-    r_ND = x_ND - ivf_centroids_CD[codes[:, 0]]
-    T_MKD = fit_additive_codebooks(codes[:, 1:], r_ND, K)
-    norms_N = reconstruction_norms(codes[:, 1:], T_MKD)
-    log.info("AQ tables on %d training vectors: residual MSE %.6g -> %.6g", n,
-             float((r_ND ** 2).sum(1).mean()),
-             float(((r_ND - additive_decode(codes[:, 1:], T_MKD)) ** 2).sum(1).mean()))
+    r = Residuals(x_train_raw, codes, ivf_centroids_CD)
+    T_MKD = fit_additive_codebooks(codes[:, 1:], r, K)
+    norms_N, before, after = np.empty(n, dtype=np.float32), 0.0, 0.0
+    for lo in range(0, n, chunk_rows):
+        r_nD, a_nD = r[lo:lo + chunk_rows], additive_decode(codes[lo:lo + chunk_rows, 1:], T_MKD)
+        norms_N[lo:lo + len(r_nD)] = np.einsum("nd,nd->n", a_nD, a_nD)
+        before, after = before + float((r_nD ** 2).sum()), after + float(((r_nD - a_nD) ** 2).sum())
+    log.info("AQ tables on %d training vectors: residual MSE %.6g -> %.6g", n, before / n, after / n)
     return T_MKD, norms_N
 
 
 def make_empty_index(ivf_centroids_CD: np.ndarray, T_MKD: np.ndarray, norm_min: float, norm_max: float,
-                     *, hnsw_M: int = 32, ef_construction: int = 20) -> faiss.Index:
-    """A trained, empty ``IndexIVFResidualQuantizer`` holding the centroids, tables and norm range."""
+                     *, hnsw_M: int = 32, ef_construction: int = 20, metric: str = "l2") -> faiss.Index:
+    """A trained, empty ``IndexIVFResidualQuantizer`` holding the centroids, tables and norm range.
+
+    ``metric="ip"``: faiss' inner-product variant (the HNSW quantizer probes the lists of the
+    largest ``<q, c>``, the lists are scanned by ``<q, c + sum_m T_m[i_m]>``; the norm byte
+    is stored but unused)."""
     C, D = ivf_centroids_CD.shape
     M, K, _ = T_MKD.shape
-    index = faiss.index_factory(D, factory_string(C, M, hnsw_M))
+    if metric not in FAISS_METRICS:
+        raise InputError(f"metric must be one of {sorted(FAISS_METRICS)}, got {metric!r}")
+    index = faiss.index_factory(D, factory_string(C, M, hnsw_M), FAISS_METRICS[metric])
     assert isinstance(index, faiss.IndexIVFResidualQuantizer) and index.by_residual
     quantizer = faiss.downcast_index(index.quantizer)
     assert isinstance(quantizer, faiss.IndexHNSW)
@@ -140,7 +168,7 @@ def add_codes(index: faiss.Index, T_MKD: np.ndarray, db_codes, *, start_id: int 
     ``batch`` rows at a time (norm bytes computed from the tables, nothing re-encoded)."""
     rq = index.rq
     coarse = index.coarse_code_size()
-    for i in tqdm(range(0, len(db_codes), batch), desc="add", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(db_codes), batch), desc="add", disable=not progress, leave=False):
         codes = _check_ivf_codes(np.asarray(db_codes[i:i + batch]), index.nlist, rq.M, "db_codes")
         norm_codes = encode_norms(reconstruction_norms(codes[:, 1:], T_MKD), rq.norm_min, rq.norm_max)
         sa_codes = standalone_codes(codes[:, 0], codes[:, 1:], norm_codes, coarse)
@@ -148,16 +176,12 @@ def add_codes(index: faiss.Index, T_MKD: np.ndarray, db_codes, *, start_id: int 
         index.add_sa_codes(np.ascontiguousarray(sa_codes), ids)
 
 
-def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int = 256,
-                aq_training_samples: int = 1_000_000, hnsw_M: int = 32, ef_construction: int = 20,
-                progress: bool = True) -> faiss.Index:
-    """The IVF-AQ faiss index of a database encoded by an IVF QINCo2 model.
-
-    ``ivf_centroids_CD``: raw-space IVF centroids ``(C, D)``; ``train_codes`` ``(N, 1+M)`` and
-    ``x_train_raw`` ``(N, D)``: encoded training vectors and the vectors themselves (the AQ
-    tables are fitted on the first ``aq_training_samples``); ``db_codes`` ``(Nb, 1+M)``: the
-    encoded database, whose row numbers become the ids. Arrays may be memory-mapped.
-    """
+def train_shortlist(ivf_centroids_CD, train_codes, x_train_raw, *, K: int = 256,
+                    aq_training_samples: int = 1_000_000, hnsw_M: int = 32, ef_construction: int = 20,
+                    metric: str = "l2") -> tuple[faiss.Index, np.ndarray]:
+    """The trained, empty IVF-AQ faiss index (:func:`make_empty_index`) and its AQ tables
+    ``(M, K, D)``, fitted on the first ``aq_training_samples`` training codes ``(N, 1+M)`` and
+    raw vectors ``(N, D)`` (row slices of them are read; memory-mapped arrays work)."""
     centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     C, D = centroids.shape
@@ -168,8 +192,6 @@ def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int 
         raise InputError(f"need at least one training vector and aq_training_samples >= 1, got "
                          f"{len(train_codes)} and {aq_training_samples}")
     _check_ivf_codes(np.asarray(train_codes[:aq_training_samples]), C, None, "train_codes")
-    M = train_codes.shape[1] - 1
-    db_codes = _check_ivf_codes(db_codes, C, M, "db_codes", scan=False)    # ranges: block by block
     shape = getattr(x_train_raw, "shape", type(x_train_raw).__name__)
     if shape != (len(train_codes), D):
         raise InputError(f"x_train_raw must have shape (N, D) = ({len(train_codes)}, {D}) to match the "
@@ -177,10 +199,35 @@ def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int 
     T_MKD, norms_N = fit_aq_tables(centroids, train_codes, x_train_raw, K=K, n_samples=aq_training_samples)
     lo, hi = float(norms_N.min()), float(norms_N.max())
     hi = hi if hi > lo else lo + max(abs(lo), 1.0)        # one distinct norm: any non-empty range
-    index = make_empty_index(centroids, T_MKD, lo, hi, hnsw_M=hnsw_M,
-                             ef_construction=ef_construction)
+    index = make_empty_index(centroids, T_MKD, lo, hi, hnsw_M=hnsw_M, ef_construction=ef_construction,
+                             metric=metric)
+    return index, T_MKD
+
+
+def aq_tables(index: faiss.Index) -> np.ndarray:
+    """The AQ tables ``(M, K, D)`` float32 held by an index of :func:`make_empty_index`."""
+    rq = index.rq
+    return faiss.vector_to_array(rq.codebooks).reshape(rq.M, 1 << NBITS, index.d)
+
+
+def build_index(ivf_centroids_CD, train_codes, x_train_raw, db_codes, *, K: int = 256,
+                aq_training_samples: int = 1_000_000, hnsw_M: int = 32, ef_construction: int = 20,
+                progress: bool = True) -> faiss.Index:
+    """The IVF-AQ faiss index of a database encoded by an IVF QINCo2 model.
+
+    ``ivf_centroids_CD``: raw-space IVF centroids ``(C, D)``; ``train_codes`` ``(N, 1+M)`` and
+    ``x_train_raw`` ``(N, D)``: encoded training vectors and the vectors themselves (the AQ
+    tables are fitted on the first ``aq_training_samples``, :func:`train_shortlist`);
+    ``db_codes`` ``(Nb, 1+M)``: the encoded database, whose row numbers become the ids. Arrays
+    may be memory-mapped.
+    """
+    M = _check_ivf_codes(train_codes, 0, None, "train_codes", scan=False).shape[1] - 1
+    _check_ivf_codes(db_codes, 0, M, "db_codes", scan=False)   # shapes before the fit; values: block by block
+    index, T_MKD = train_shortlist(ivf_centroids_CD, train_codes, x_train_raw, K=K,
+                                   aq_training_samples=aq_training_samples, hnsw_M=hnsw_M,
+                                   ef_construction=ef_construction)
     add_codes(index, T_MKD, db_codes, progress=progress)
-    log.info("built %s with %d vectors", factory_string(C, M, hnsw_M), index.ntotal)
+    log.info("built %s with %d vectors", factory_string(index.nlist, index.rq.M, hnsw_M), index.ntotal)
     return index
 
 
