@@ -143,3 +143,10 @@ def test_run_demo_shrunk(tmp_path, monkeypatch):
         assert 0 <= result["R@1"] <= result["R@10"] <= result["R@100"] <= 1
     loaded = QincoCodec.load(out)
     assert loaded.n_codes == 2 and loaded.dim == 64
+    from qinco2.cli.codec_tasks import demo_verdict
+
+    line = demo_verdict(r)
+    assert line.startswith("At 1 byte per vector")            # 2 steps x 4 bits
+    assert f"{r['qinco2']['mse'] / r['rq']['mse']:.2f}x the squared error" in line
+    gain = 100 * (r["qinco2"]["R@1"] - r["rq"]["R@1"])
+    assert f"{abs(gain):.1f} points {'more' if gain >= 0 else 'less'} often" in line

@@ -167,6 +167,17 @@ def task_convert(args: CliArgs, given: set[str], device: str) -> dict:
     return result
 
 
+def demo_verdict(r: dict) -> str:
+    """One line on what the demo's numbers mean, from the numbers themselves."""
+    q, rq = r["qinco2"], r["rq"]
+    nbytes = r["M"] * (int(r["K"]).bit_length() - 1) / 8
+    mse_words = f"{q['mse'] / rq['mse']:.2f}x the squared error of faiss RQ"
+    gain = 100 * (q["R@1"] - rq["R@1"])
+    r1_words = f"finds the true nearest neighbour first {abs(gain):.1f} points {'more' if gain >= 0 else 'less'} often"
+    return (f"At {nbytes:g} byte{'' if nbytes == 1 else 's'} per vector, QINCo2 rebuilds the vectors with "
+            f"{mse_words} (lower is better) and {r1_words} (R@1) when searching the decoded vectors.")
+
+
 def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
     from ..codec.evaluate import run_demo
 
@@ -181,4 +192,5 @@ def task_demo(args: CliArgs, given: set[str], device: str) -> dict:
                 ["codec", "MSE", "R@1", "R@10", "R@100"])
     print(f"QINCo2 trained {r['epochs_run']} epochs in {r['train_s']} s on {r['device']}; "
           f"model written to {output}; total {time.perf_counter() - start:.0f} s")
+    print(demo_verdict(r))
     return {"task": "demo", **r}
