@@ -18,6 +18,7 @@ from qinco2.metrics import knn
 # K=256: the faiss index stores 8-bit codes. ds.valset=300 everywhere: the training split
 # (2700 training + 300 validation rows) must be the same in every task.
 COMMON = ["ds.valset=300", "cpu=true", "verbose=false"]
+SEARCH_COMMON = COMMON[1:]      # search reads no training split
 TINY_IVF = ["model_args=qinco2-S", "M=2", "K=256", "L=1", "de=8", "dh=16", "A=4", "B=4",
             "ds.loop=2_000", "max_epochs=1", "batch=256", "lr=3e-3", *COMMON]
 GRID = ["nprobe=[1,8]", "quantizer_efSearch=16", "nshort=[10,50]", "nmid_short=[0,4]"]
@@ -65,7 +66,7 @@ def _index_args(p, train, db):
 
 def _search_args(p, model, db, index):
     return ["task=search", f"model={model}", f"index={index}", f"encoded_db={db}",
-            f"queries={p['query']}", f"queries_gt={p['gt']}", *GRID, *COMMON]
+            f"queries={p['query']}", f"queries_gt={p['gt']}", *GRID, *SEARCH_COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_mismatched_files_are_refused(capsys, chain, built, tmp_path, case, word
         "index_of_another_database": _search_args(p, p["A"], p["A_db400"], index),
         "db_codes_of_another_model": _search_args(p, p["B"], p["A_db"], index),
         "search_flat_codes": _search_args(p, p["A"], p["flat_db"], index),
-        "search_without_encoded_db": _search_args(p, p["A"], p["A_db"], index)[:3] + COMMON,
+        "search_without_encoded_db": _search_args(p, p["A"], p["A_db"], index)[:3] + SEARCH_COMMON,
         "index_from_two_models": _index_args(p, p["A_train"], p["B_db"]) + [out],
         "index_missing_codes": _index_args(p, p["A_train"], missing) + [out],
         "pairwise_flat_codes": _pairwise_args(p, p["flat_db"]) + [out],

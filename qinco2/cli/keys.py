@@ -32,8 +32,7 @@ TASKS_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "eval_valset": ("MSE of a model on the validation split", (*CODEC_KEYS, *DATA_KEYS, *TRAIN_SPLIT)),
     "search": ("exhaustive search over the decoded database, or with index= a sweep of the "
                "IVF-QINCo2 pipeline", (*CODEC_KEYS, "metric", "index", "encoded_db", "pairwise_decoder",
-                                       *GRID_KEYS, "output", "resume", *DATA_KEYS, *DB_SPLIT,
-                                       *TRAIN_SPLIT)),  # data_limits (exhaustive) builds them; unused
+                                       *GRID_KEYS, "output", "resume", *DATA_KEYS, *DB_SPLIT)),
     "ivf_centroids": ("train IVF centroids with k-means and write them to output=",
                       ("output", "ivf_K", "niter", "seed", *DATA_KEYS, *TRAIN_SPLIT)),
     "encode": ("encode the database (or the training split) with a model into output=",
