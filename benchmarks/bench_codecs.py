@@ -33,8 +33,26 @@ FAISS_FACTORIES = {
 }
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and its bf16 matrix extensions (Linux ``/proc/cpuinfo``; else unknown)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"cpu_model": name, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def environment(threads: int) -> dict:
     return {
+        **cpu_info(),
         "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "threads": threads, "device": "cpu",
         "python": platform.python_version(), "torch": torch.__version__,

@@ -1,0 +1,111 @@
+"""Training and encoding throughput on an idle machine and with another process busy on one
+core, under each OpenMP wait policy.
+
+With 2 torch threads on 2 cores, a second busy process makes OpenMP threads that spin while
+waiting for each other lose most of their time slices. This benchmark measures, in a fresh
+process per cell (the policy is read when OpenMP starts): `qinco2-S` training steps/s (M=8,
+batch 256, A=4 B=2, on the embedded synthetic set, D=64) and encoding vectors/s (A=16 B=8),
+with ``OMP_WAIT_POLICY`` unset (the library's default: spin, then sleep) or ``PASSIVE`` (sleep
+at once), each with and without a competing busy-loop process. JSON lines to ``--out``.
+
+    python benchmarks/bench_busy_core.py --threads 2 --seconds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("default", "PASSIVE")
+
+
+def _rate(fn, probe: int, seconds: float) -> tuple[float, int]:
+    """Calls ``fn(n)`` once with ``probe`` units to size a run of about ``seconds``, then times it."""
+    t0 = time.perf_counter()
+    fn(probe)
+    n = max(probe, int(probe * seconds / max(time.perf_counter() - t0, 1e-3)))
+    t0 = time.perf_counter()
+    fn(n)
+    return n / (time.perf_counter() - t0), n
+
+
+def worker(kind: str, threads: int, seconds: float) -> dict:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from qinco2 import DataLimits, QincoCodec, make_synthetic
+    from qinco2.codec.train import fit
+
+    torch.set_num_threads(threads)
+    ds = make_synthetic()
+    x_train, x_val = ds.train_val(DataLimits(valset=256, trainset=20_000))
+    x_train = np.ascontiguousarray(x_train, dtype=np.float32)
+    codec = QincoCodec.from_preset("qinco2-S", M=8, A=4, B=2, batch=256, loop=256, max_epochs=1, seed=0)
+    codec.train(x_train, x_val, progress=False)              # RQ initialisation and one step
+    if kind == "train":
+        def steps(n):
+            cfg = dataclasses.replace(codec.train_config, loop=256 * n, max_epochs=1)
+            fit(codec.model_, cfg, x_train, x_val, progress=False)
+        rate, n = _rate(steps, 4, seconds)
+        return {"what": "train", "steps_per_s": rate, "steps": n, "batch": 256}
+    x = np.ascontiguousarray(x_train[:20_000])
+    rate, n = _rate(lambda n: codec.encode(x[:n], A=16, B=8), 64, seconds)
+    return {"what": "encode", "vectors_per_s": rate, "rows": n, "A": 16, "B": 8}
+
+
+def run_cell(kind: str, policy: str, loaded: bool, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy
+    load = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", kind, "--threads", str(args.threads),
+                               "--seconds", str(args.seconds)], env=env, capture_output=True, text=True)
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "omp_wait_policy": policy,
+            "other_busy_process": loaded}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--kinds", nargs="+", default=["train", "encode"])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "busy_core.jsonl"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads, args.seconds)))
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_codecs import environment
+
+    env = environment(args.threads)
+    with open(args.out, "a") as f:
+        for kind in args.kinds:
+            for loaded in (False, True):
+                for policy in POLICIES:
+                    row = {"bench": "busy_core", **run_cell(kind, policy, loaded, args), **env}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    rate = row.get("steps_per_s") or row.get("vectors_per_s")
+                    print(f"{kind:6s} policy={policy:8s} other busy process={loaded!s:5s}: {rate:,.1f}/s",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
