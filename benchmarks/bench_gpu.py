@@ -19,6 +19,9 @@ machine, threads, library versions, exact command and date as the other benchmar
   epoch of ``steps`` batches, after a short warm-up; validation time is subtracted.
 * ``--tf32 both`` (the default on CUDA) times encode and train with torch's default float32
   matrix products and again with TF32 tensor cores allowed (``tf32`` field).
+  ``--encode-precisions`` (default ``fp32 bf16``) adds an encode row per reduced precision of
+  the step networks (``precision`` field; :mod:`qinco2.codec.precision`), at the largest
+  ``--max-bytes``, TF32 off.
 * ``ivfpq_build`` / ``ivfpq_search``: :func:`qinco2.ivfpq.build` of N synthetic clustered
   vectors, then queries/s (median of ``repeats`` runs after a warm-up) and 10-recall@10
   against exact faiss ground truth for each ``n_probes``.
@@ -52,8 +55,9 @@ import torch
 from bench_codecs import environment
 
 from qinco2 import ModelConfig, QincoCodec, TrainConfig, ivfpq
-from qinco2.codec.encode import DEFAULT_MAX_BYTES, bytes_per_vector
+from qinco2.codec.encode import DEFAULT_MAX_BYTES, GPU_MIN_BYTES, RESCORED_BEAMS, bytes_per_vector
 from qinco2.codec.model import QincoModel
+from qinco2.codec.precision import PRECISIONS
 from qinco2.codec.train import fit, initialize, validation_mse
 from qinco2.metrics import neighbor_recall, recall_at
 
@@ -106,46 +110,57 @@ SCALES = {
 
 # ----------------------------------------------------------------------------- FLOP estimates
 
-def _net_flops(cfg: ModelConfig) -> tuple[int, int]:
-    """FLOPs (a multiply-add counts 2) of one step network: per candidate, per beam.
+def _net_flops(cfg: ModelConfig) -> tuple[int, int, int]:
+    """FLOPs (a multiply-add counts 2) of one step network: per candidate, per beam, per codeword.
 
-    Per candidate: ``2 D E`` (input projection, when ``E != D``) + ``2 E^2`` (fusion, the
-    candidate half) + ``4 L E d_h`` (``L`` residual blocks ``E -> d_h -> E``) + ``2 E D``
-    (output projection, when ``E != D``) + ``3 D`` (score ``|u - y|^2``). Per beam: ``2 D E``
-    (fusion, the ``x_hat`` half, computed once per beam)."""
+    Per candidate: ``4 L E d_h`` (``L`` residual blocks ``E -> d_h -> E``) + ``2 E D`` (output
+    projection, when ``E != D``) + ``3 D`` (score ``|u - y|^2``). Per beam: ``2 D E`` (fusion,
+    the ``x_hat`` half). Per codeword: ``2 D E`` (input projection, when ``E != D``) + ``2 E^2``
+    (fusion, the codeword half): the encoder computes these once per call for the ``K``
+    codewords (:meth:`qinco2.codec.model.StepNetwork.embed_codeword`), training and decoding
+    once per vector."""
     D, E, H = cfg.D, cfg.E, cfg.dh
-    proj = 4 * D * E if E != D else 0
-    return proj + 2 * E * E + 4 * cfg.L * E * H + 3 * D, 2 * D * E
+    proj = 2 * D * E if E != D else 0
+    return 4 * cfg.L * E * H + proj + 3 * D, 2 * D * E, proj + 2 * E * E
 
 
-def encode_flops_per_vector(cfg: ModelConfig, A: int, B: int) -> int:
+def encode_flops_per_vector(cfg: ModelConfig, A: int, B: int, rows: int | None = None,
+                            precision: str = "fp32") -> int:
     """Estimated FLOPs to encode one vector by :func:`qinco2.codec.encode.beam_search`.
 
-    With ``b_m`` beams entering step ``m`` (``b_0 = 1``) and ``o_m`` leaving it (``B``, 1 at
-    the last step): the plain first step scores all ``K`` codewords, ``2 b_0 K D``; a
-    conditioned step pre-selects ``a_m = min(K, max(A, ceil(o_m / b_m)))`` candidates per beam
-    among ``K`` (``2 b_m K D``, none when ``a_m = K`` or ``A = 0``) and runs the step network
-    on every (beam, candidate) pair, ``b_m (a_m f_c + f_b)`` with ``f_c``, ``f_b`` of
-    :func:`_net_flops`; then ``b_{m+1} = min(o_m, b_m a_m)``. For ``M`` steps at ``B = 32``,
-    ``A = 16`` this is dominated by ``(M - 1) B A 4 L E d_h``. Top-k selections, gathers and
-    transfers are not counted."""
-    f_c, f_b = _net_flops(cfg)
+    With ``b_m`` beams entering conditioned step ``m`` (1 after the frozen IVF step, else
+    ``min(B, K)`` after the plain first step) and ``o_m`` leaving it (``B``, 1 at the last
+    step): the first step scores all its codewords (``2 K D``, ``K = ivf_K`` for an IVF
+    model); a conditioned step pre-selects ``a_m = min(K, max(A, ceil(o_m / b_m)))``
+    candidates per beam among ``K`` (``2 b_m K D``, none when ``a_m = K`` or ``A = 0``) and
+    runs the step network on every (beam, candidate) pair, ``b_m (a_m f_c + f_b)`` with
+    ``f_c``, ``f_b`` of :func:`_net_flops`; then ``b_{m+1} = min(o_m, b_m a_m)``. ``rows``:
+    vectors per call, which share the codeword tables (``K f_k`` per step; None: not counted).
+    A reduced ``precision`` adds the float32 decoding of ``min(B, RESCORED_BEAMS)`` final
+    beams. For ``M`` steps at ``B = 32``, ``A = 16`` this is dominated by
+    ``(M - 1) B A 4 L E d_h``. Top-k selections, gathers and transfers are not counted."""
+    f_c, f_b, f_k = _net_flops(cfg)
     D, K = cfg.D, cfg.K
-    total, beams = 2 * K * D, min(B, K)                 # the plain first step
-    for m in range(1, cfg.M):
-        out = 1 if m == cfg.M - 1 else B
+    n_net = cfg.M if cfg.ivf_K else cfg.M - 1
+    total, beams = 2 * (cfg.ivf_K or K) * D, 1 if cfg.ivf_K else min(B, K)
+    for m in range(n_net):
+        out = 1 if m == n_net - 1 else B
         a = K if A <= 0 else min(K, max(A, math.ceil(out / beams)))
         total += (2 * beams * K * D if a < K else 0) + beams * (a * f_c + f_b)
         beams = min(out, beams * a)
-    return total
+    if rows:
+        total += n_net * K * f_k / rows
+    if precision != "fp32":
+        total += min(B, RESCORED_BEAMS) * n_net * (f_c + f_b + f_k)
+    return int(total)
 
 
 def train_flops_per_step(cfg: ModelConfig, batch: int) -> int:
     """Estimated FLOPs of one training step: the batch's beam-search encoding at the model's
     A, B plus forward and backward (about 3x a forward) of the chosen codes' path,
-    ``3 (M - 1) (f_c + f_b)`` per vector."""
-    f_c, f_b = _net_flops(cfg)
-    return batch * (encode_flops_per_vector(cfg, cfg.A, cfg.B) + 3 * (cfg.M - 1) * (f_c + f_b))
+    ``3 (M - 1) (f_c + f_b + f_k)`` per vector."""
+    f_c, f_b, f_k = _net_flops(cfg)
+    return batch * (encode_flops_per_vector(cfg, cfg.A, cfg.B, rows=batch) + 3 * (cfg.M - 1) * (f_c + f_b + f_k))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -286,17 +301,22 @@ def set_tf32(device: torch.device, on: bool) -> None:
 def bench_encode(codec: QincoCodec, preset: str, x: np.ndarray, sc: Scale, args, emit: Recorder,
                  init_s: float | None, tf32: bool) -> None:
     device, cfg = codec.device, codec.model_config
-    flops = encode_flops_per_vector(cfg, sc.A, sc.B)
     warm = sc.encode_warm.get(preset, 64)
-    for j, max_bytes in enumerate(args.max_bytes):
+    # fp32 at each memory bound; the reduced precisions (their own networks' dtype, so
+    # independent of the TF32 switch) once, at the largest bound
+    settings = [(b, "fp32") for b in args.max_bytes]
+    settings += [(max(args.max_bytes), p) for p in args.encode_precisions if p != "fp32" and not tf32]
+    for j, (max_bytes, precision) in enumerate(settings):
         peak_memory(device, reset=True)
-        opts = {"A": sc.A, "B": sc.B, "max_bytes": max_bytes}
+        flops = encode_flops_per_vector(cfg, sc.A, sc.B, precision=precision)
+        opts = {"A": sc.A, "B": sc.B, "max_bytes": max_bytes, "precision": precision}
         timed(device, codec.encode, x[:warm], **opts)                  # kernels, allocator, cuBLAS
         _, probe_s = timed(device, codec.encode, x[:warm], **opts)
         rows = int(min(sc.encode_rows_max, max(warm, warm / probe_s * sc.encode_target_s)))
         _, seconds = timed(device, codec.encode, x[:rows], **opts)
         rate = rows / seconds
         row = {"what": "encode", "model": preset, **arch_fields(cfg), "A": sc.A, "B": sc.B, "tf32": tf32,
+               "precision": precision,
                "max_bytes": max_bytes, "chunk_rows": max(1, max_bytes // bytes_per_vector(codec.model_, sc.A, sc.B)),
                "rows": rows, "seconds": seconds, "vectors_per_s": rate, "us_per_vector": 1e6 / rate,
                "flops_per_vector_est": flops, "gflops_per_s_est": flops * rate / 1e9, "init_s": init_s,
@@ -304,7 +324,8 @@ def bench_encode(codec: QincoCodec, preset: str, x: np.ndarray, sc: Scale, args,
         n_check = sc.check_rows.get(preset, 0)
         if j == 0 and n_check:
             row["cpu_check"] = cpu_agreement(codec, x[:n_check], sc.A, sc.B)
-        emit(row, f"{preset} A={sc.A} B={sc.B} tf32={tf32:d} max_bytes={max_bytes >> 20} MiB: {rate:,.0f} vec/s "
+        emit(row, f"{preset} A={sc.A} B={sc.B} tf32={tf32:d} {precision} max_bytes={max_bytes >> 20} MiB: "
+                  f"{rate:,.0f} vec/s "
                   f"({rows} rows in {seconds:.2f} s), {flops / 1e9:.3g} GFLOP/vec est -> "
                   f"{row['gflops_per_s_est']:,.0f} GFLOP/s"
                   + (f", codes equal to CPU {row['cpu_check']['codes_equal_fraction']:.3f}" if "cpu_check" in row
@@ -381,6 +402,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["qinco2-S", "qinco2-L"])
     p.add_argument("--max-bytes", type=int, nargs="+", default=None,
                    help="encoder working-memory bounds to time (default: the library's, plus 4 GiB on CUDA)")
+    p.add_argument("--encode-precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"],
+                   help="encoder precisions to time (qinco2.codec.precision; fp16 and tf32 need CUDA)")
     p.add_argument("--tf32", choices=("off", "on", "both"), default=None,
                    help="TF32 matrix products for encode/train on CUDA (default: both on CUDA, off on CPU)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
@@ -399,7 +422,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tf32 is None:
         args.tf32 = "both" if args.device.type == "cuda" else "off"
     if args.max_bytes is None:
-        args.max_bytes = [DEFAULT_MAX_BYTES] + ([GPU_MAX_BYTES] if args.device.type == "cuda" else [])
+        args.max_bytes = [GPU_MIN_BYTES, GPU_MAX_BYTES] if args.device.type == "cuda" else [DEFAULT_MAX_BYTES]
     return args
 
 

@@ -204,17 +204,17 @@ def test_ivf_step_is_charged_one_beam_and_chunks_follow():
     per_vector = bytes_per_vector(model, A, B)
     assert per_vector == 4 * K_ivf + 4 * B * D * 4          # the IVF scores dominate, one beam
     sizes = []
-    real = encode_module.beam_search
+    real = encode_module._beam_search
 
-    def spy(model, u, A, B):
+    def spy(model, runners, u, *args):
         sizes.append(len(u))
-        return real(model, u, A, B)
+        return real(model, runners, u, *args)
 
-    encode_module.beam_search = spy
+    encode_module._beam_search = spy
     try:
         encode_module.encode(model, torch.randn(1000, D), A=A, B=B, max_bytes=100 * per_vector)
     finally:
-        encode_module.beam_search = real
+        encode_module._beam_search = real
     assert sizes == [100] * 10
 
 
@@ -233,10 +233,10 @@ def test_frozen_codebook_norms_are_computed_once_and_follow_the_table():
 def test_default_chunk_memory_is_small_on_the_cpu_and_large_on_a_gpu(monkeypatch):
     from qinco2.codec import encode as encode_module
 
-    assert encode_module.default_max_bytes("cpu") == 256 * 2**20
+    assert encode_module.default_max_bytes("cpu") == 32 * 2**20
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
     assert encode_module.default_max_bytes("cuda") == 4 * 2**30           # capped
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 140 * 2**30))
     assert encode_module.default_max_bytes("cuda:0") == 2 * 2**30          # a quarter of what is free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**29, 140 * 2**30))
-    assert encode_module.default_max_bytes("cuda") == 256 * 2**20          # never below the CPU's
+    assert encode_module.default_max_bytes("cuda") == 256 * 2**20          # never below 256 MiB

@@ -25,8 +25,8 @@ COMMON = ("bench", "what", "device", "gpu", "cuda", "scale", "machine", "cores",
           "faiss", "numpy", "command", "date")
 FIGURES = {
     "cuda_tests": ("rc", "tests", "failures", "errors", "skipped", "cases"),
-    "encode": ("model", "A", "B", "tf32", "max_bytes", "rows", "seconds", "vectors_per_s", "flops_per_vector_est",
-               "gflops_per_s_est", "cpu_check"),
+    "encode": ("model", "A", "B", "tf32", "precision", "max_bytes", "rows", "seconds", "vectors_per_s",
+               "flops_per_vector_est", "gflops_per_s_est"),
     "train": ("model", "batch", "steps", "seconds", "steps_per_s", "flops_per_step_est", "gflops_per_s_est", "amp"),
     "ivfpq_build": ("n_db", "dim", "n_lists", "pq_dim", "build_s", "index_bytes"),
     "ivfpq_search": ("n_probes", "k", "n_queries", "qps", "10-recall@10", "R@1"),
@@ -67,9 +67,12 @@ def test_dry_run_writes_the_expected_json_lines(tmp_path):
     assert tests["rc"] == 0 and tests["tests"] >= 3 and tests["skipped"] == tests["tests"]  # no CUDA here
     assert all("cuda" in c["name"] for c in tests["cases"])
     encode = [r for r in rows if r["what"] == "encode"]
-    assert {(r["model"], r["tf32"]) for r in encode} == {(m, t) for m in ("qinco2-S", "qinco2-L") for t in (0, 1)}
+    fp32 = [r for r in encode if r["precision"] == "fp32"]
+    assert {(r["model"], r["tf32"]) for r in fp32} == {(m, t) for m in ("qinco2-S", "qinco2-L") for t in (0, 1)}
+    assert {(r["model"], r["tf32"]) for r in encode if r["precision"] == "bf16"} == {("qinco2-S", 0), ("qinco2-L", 0)}
     for r in encode:
-        assert r["vectors_per_s"] > 0 and r["gflops_per_s_est"] > 0 and r["cpu_check"]["codes_equal_fraction"] == 1
+        assert r["vectors_per_s"] > 0 and r["gflops_per_s_est"] > 0
+    assert all(r["cpu_check"]["codes_equal_fraction"] == 1 for r in fp32)
     L = next(r for r in encode if r["model"] == "qinco2-L")
     S = next(r for r in encode if r["model"] == "qinco2-S")
     assert L["L"] > S["L"] and L["flops_per_vector_est"] > S["flops_per_vector_est"]
@@ -93,6 +96,8 @@ def test_without_cuda_the_real_check_stops_with_a_message(tmp_path):
     {"D": 16, "M": 3, "K": 16, "L": 1, "de": None, "dh": 24, "A": 4, "B": 8},    # no projections
     {"D": 16, "M": 3, "K": 16, "L": 2, "de": 8, "dh": 8, "A": 0, "B": 2},        # exhaustive (A=0)
     {"D": 24, "M": 5, "K": 32, "L": 3, "de": 12, "dh": 20, "A": 3, "B": 8},      # wider pre-selection
+    {"D": 16, "M": 3, "K": 16, "L": 1, "de": 8, "dh": 16, "A": 4, "B": 4, "ivf_K": 64},   # IVF first step
+    {"D": 32, "M": 4, "K": 16, "L": 2, "de": 16, "dh": 32, "A": 4, "B": 8, "precision": "bf16"},  # + re-scoring
 ])
 def test_flop_estimate_matches_the_encoders_matrix_products(fields):
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,10 +105,13 @@ def test_flop_estimate_matches_the_encoders_matrix_products(fields):
         from bench_gpu import encode_flops_per_vector
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    fields = dict(fields)
+    precision = fields.pop("precision", "fp32")
     cfg = ModelConfig(**fields).validated()
     model, n = QincoModel(cfg), 10
     with FlopCounterMode(display=False) as counter:
-        beam_search(model, torch.randn(n, cfg.D), cfg.A, cfg.B)
+        beam_search(model, torch.randn(n, cfg.D), cfg.A, cfg.B, precision=precision)
     counted = counter.get_total_flops() / n
-    est = encode_flops_per_vector(cfg, cfg.A, cfg.B)
-    assert counted <= est <= 1.05 * counted        # the estimate adds the element-wise scoring (3 D per candidate)
+    est = encode_flops_per_vector(cfg, cfg.A, cfg.B, rows=n, precision=precision)
+    # the estimate adds the element-wise scoring, 3 D per candidate: up to 6% of these tiny networks
+    assert counted <= est <= 1.07 * counted

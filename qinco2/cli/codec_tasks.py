@@ -96,7 +96,7 @@ def task_eval(args: CliArgs, given: set[str], device: str) -> dict:
     metric = search_metric(args, ds)
     queries, gt = (ds.query_vectors(), ds.ground_truth()) if search else (None, None)
     r = evaluate_codec(codec, ds.database(data_limits(args)), ds.mse_scale, queries, gt,
-                       metric=metric, progress=args.progress)
+                       metric=metric, progress=args.progress, precision=args.precision)
     print_table([[m + 1, u, h, p] for m, (u, h, p) in
                  enumerate(zip(r["code_usage"], r["entropy_bits"], r["prefix_mse"]))],
                 ["step", "used/K", "entropy (bits)", "MSE of prefix"])
@@ -116,7 +116,7 @@ def task_eval_valset(args: CliArgs, given: set[str], device: str) -> dict:
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     _, x_val = ds.train_val(data_limits(args))
-    r = evaluate_mse(codec, x_val, ds.mse_scale, progress=args.progress)
+    r = evaluate_mse(codec, x_val, ds.mse_scale, progress=args.progress, precision=args.precision)
     print(f"validation MSE ({r['n']} vectors, dataset {ds.name}): {r['mse']:.6g}")
     return {"task": "eval_valset", "model": args.model, "dataset": ds.name, **r}
 
@@ -128,7 +128,8 @@ def task_search_exhaustive(args: CliArgs, given: set[str], device: str) -> dict:
     codec = load_codec(args, given, device)
     ds = open_dataset(args)
     r = evaluate_search(codec, ds.database(data_limits(args)), ds.query_vectors(),
-                        ds.ground_truth(), metric=search_metric(args, ds), progress=args.progress)
+                        ds.ground_truth(), metric=search_metric(args, ds), progress=args.progress,
+                        precision=args.precision)
     print_table([[k, v] for k, v in r.items()])
     return {"task": "search", "model": args.model, "dataset": ds.name, **r}
 
@@ -142,7 +143,7 @@ def task_encode(args: CliArgs, given: set[str], device: str) -> dict:
     limits = data_limits(args)
     parts = ds.train_val(limits) if args.encode_trainset else (ds.database(limits),)
     r = encode_to_file(codec, parts, output, progress=args.progress, shard_rows=args.shard_rows,
-                      workers=launched_workers(args))
+                      workers=launched_workers(args), precision=args.precision)
     what = "training set (training then validation rows)" if args.encode_trainset else "database"
     if launched_rank() == 0:
         print(f"wrote codes {tuple(r['shape'])} of the {what} of {ds.name} to {output}")

@@ -18,6 +18,7 @@ from ..validation import check_codes, check_vectors
 from .code_layout import CodeLayout
 from .encode import encode
 from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
+from .precision import check_precision
 from .reference import model_from_reference
 from .sizing import SMALL_DATA_PATIENCE, fit_to_data
 from .train import TrainConfig, TrainState, fit, initialize
@@ -194,13 +195,17 @@ class QincoCodec:
     # ------------------------------------------------------------------ inference
     @accepts_tensors
     def encode(self, x: np.ndarray, *, A: int | None = None, B: int | None = None, packed: bool = False,
-               batch_size: int = 65_536, max_bytes: int | None = None) -> np.ndarray:
+               batch_size: int = 65_536, max_bytes: int | None = None, precision: str = "fp32") -> np.ndarray:
         """Codes ``(N, n_codes)`` int32 of raw vectors; ``A``/``B`` override the trained values.
         ``packed``: ``(N, code_size)`` uint8 instead, the vectors at their real size (as faiss's
         ``sa_encode``; :attr:`code_layout` gives the byte layout). ``max_bytes``: working memory
-        of one chunk of rows (default 256 MiB on the CPU, up to 4 GiB on a GPU); codes do not
-        depend on it."""
+        of one chunk of rows (default 32 MiB on the CPU, up to 4 GiB on a GPU); codes do not
+        depend on it. ``precision``: ``"fp32"`` (default), ``"bf16"`` (CPU or CUDA), ``"fp16"``
+        or ``"tf32"`` (CUDA): the arithmetic of the step networks (:mod:`qinco2.codec.precision`);
+        the reduced ones are faster on hardware with bfloat16/TF32 units and give codes of
+        nearly the same error (each re-scored in float32 among the best final beams)."""
         model = self._model()
+        check_precision(precision, self.device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a whole number >= 1 (rows per batch), got {batch_size!r}; "
                              "pass e.g. batch_size=65536 (less to use less memory)")
@@ -218,7 +223,7 @@ class QincoCodec:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 u = model.normalize(self._tensor(x[i:i + batch_size]))
-                codes = encode(model, u, A=A, B=B, max_bytes=max_bytes)[0].cpu().numpy()
+                codes = encode(model, u, A=A, B=B, max_bytes=max_bytes, precision=precision)[0].cpu().numpy()
                 out[i:i + len(u)] = layout.pack(codes) if packed else codes
         return out
 

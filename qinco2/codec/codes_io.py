@@ -44,6 +44,7 @@ from ..rows import RowStack
 from ..validation import check_vectors
 from .code_layout import CodeLayout, PackedCodes
 from .codec import QincoCodec
+from .precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,13 @@ def _reusable(shard: Path, parts: list[np.ndarray], lo: int, hi: int, batch: int
 
 
 def _encode_shard(codec: QincoCodec, parts: list[np.ndarray], shard: Path, lo: int, hi: int, batch: int,
-                  A: int | None, B: int | None) -> None:
+                  A: int | None, B: int | None, precision: str) -> None:
     h, packed = hashlib.sha256(), []
     for a in range(lo, hi, batch):
         x_ND = _rows(parts, a, min(a + batch, hi))
         h.update(x_ND.tobytes())
         try:
-            packed.append(codec.encode(x_ND, A=A, B=B, batch_size=batch, packed=True))
+            packed.append(codec.encode(x_ND, A=A, B=B, batch_size=batch, packed=True, precision=precision))
         except InputError as exc:       # its row numbers count from the chunk's first row
             raise InputError(f"input rows {a}..{a + len(x_ND)} (row numbers below count from {a}): {exc}") from exc
     _write_shard(shard, np.concatenate(packed), h.hexdigest())
@@ -167,10 +168,11 @@ def sidecar_path(path) -> Path:
 
 def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress: bool = True,
                    A: int | None = None, B: int | None = None, shard_rows: int = SHARD_ROWS,
-                   workers: Workers = Workers()) -> dict:
+                   workers: Workers = Workers(), precision: str = "fp32") -> dict:
     """Encode ``x`` (an ``(N, D)`` array, or a list of arrays encoded one after the other) to
     the codes file ``path`` (``.npy`` plus its ``.npy.json`` sidecar), ``batch`` rows at a
-    time; ``A``/``B`` override the model's beam. Returns the sidecar's content.
+    time; ``A``/``B`` override the model's beam, ``precision`` is the arithmetic of the step
+    networks (:meth:`QincoCodec.encode`). Returns the sidecar's content.
 
     The rows are cut into shards of ``shard_rows``; shard ``i`` is encoded by process
     ``i % world_size`` and written, with the checksums of its codes and of its input rows, to
@@ -179,14 +181,16 @@ def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress:
     again); rank 0 then merges them in order into ``path`` and removes the folder. Rank 0
     holds the lock file ``.<name>.lock`` meanwhile: a second job writing ``path`` is refused
     (:class:`~qinco2.locks.LockedError`). A process that fails stops the others."""
+    check_precision(precision, codec.device)
+    job_precision = {} if precision == "fp32" else {"precision": precision}   # fp32 jobs: as before
     with contextlib.ExitStack() as held:
         with workers.synced("preparing the encoding"):
             parts, path, meta = _check_encoding(codec, x, path, shard_rows)
             n, work = sum(len(p) for p in parts), path.parent / f".{path.name}.parts"
             if workers.is_main:
                 held.enter_context(exclusive_lock(path))
-                _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B, "shards": 2,
-                                      "format": FORMAT_VERSION, "data": _fingerprint(parts, n)})
+                _prepare_parts(work, {**meta, "n": n, "shard_rows": shard_rows, "A": A, "B": B, **job_precision,
+                                      "shards": 2, "format": FORMAT_VERSION, "data": _fingerprint(parts, n)})
         with workers.synced("encoding its shards"):
             shards = range(workers.rank, -(-n // shard_rows), workers.world_size)
             with progress_bar(total=n, unit="vec", desc=f"encode {path.name}",
@@ -195,7 +199,7 @@ def encode_to_file(codec: QincoCodec, x, path, *, batch: int = 65_536, progress:
                     lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
                     shard = work / f"shard-{i:07d}.npy"
                     if not _reusable(shard, parts, lo, hi, batch):
-                        _encode_shard(codec, parts, shard, lo, hi, batch, A, B)
+                        _encode_shard(codec, parts, shard, lo, hi, batch, A, B, precision)
                     bar.update((hi - lo) * workers.world_size)
         sidecar = {**meta, "rows": n}
         with workers.synced("merging the shards"):

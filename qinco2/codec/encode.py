@@ -4,29 +4,49 @@ One implementation serves every setting: ``A = 0`` evaluates all ``K`` codewords
 conditioned step (exhaustive, QINCo1), ``A > 0`` only the ``A`` best ones according to the
 step's pre-selection codebook; ``B = 1`` is greedy, ``B > 1`` beam search. Everything works
 in normalised space (see :meth:`QincoModel.normalize`) and without gradients.
+
+The part of a step network that sees only the codeword, ``(I + W_z) P_in c``
+(:meth:`StepNetwork.embed_codeword`), is computed once per call for the ``K`` codewords of
+each step (:func:`prepare_steps`); the network then runs from that ``(K, E)`` table on every
+(vector, beam, candidate) (:meth:`StepNetwork.from_embedding`), which saves the input
+projection and the codeword half of the fusion layer per candidate.
+
+``precision`` (:mod:`.precision`) runs the step networks in bfloat16, float16 or TF32;
+distances and scores stay in float32, and the ``min(B, RESCORED_BEAMS)`` best final beams
+are decoded again in float32 and the one of least float32 error is returned
+(:func:`rescore`), so the codes are never worse than the reduced-precision choice and the
+returned reconstruction is the float32 decoding of the returned code.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .model import QincoModel, Step
+from .model import QincoModel, Step, StepNetwork
+from .precision import check_precision, compute_dtype, matmul_precision
 
-DEFAULT_MAX_BYTES = 256 * 2**20      # encoder working memory per chunk on the CPU
-GPU_MAX_BYTES = 4 * 2**30           # on a GPU: at most this, and a quarter of its free memory
+DEFAULT_MAX_BYTES = 32 * 2**20      # encoder working memory per chunk on the CPU
+GPU_MIN_BYTES = 256 * 2**20         # on a GPU: at least this,
+GPU_MAX_BYTES = 4 * 2**30           # at most this, and a quarter of its free memory
+RESCORED_BEAMS = 4                  # reduced precision: final beams decoded again in float32
 
 
 def default_max_bytes(device: torch.device | str) -> int:
-    """Working memory of one encoding chunk on ``device``: 256 MiB on the CPU (bigger chunks
-    gain nothing there); on a GPU min(4 GiB, a quarter of its free memory), since small chunks
-    leave it idle (H200, qinco2-S A=16 B=32: 16k vectors/s with 256 MiB, 22k with 4 GiB)."""
+    """Working memory of one encoding chunk on ``device``. On the CPU 32 MiB: each of the
+    chunk's big tensors then stays near 10 MB, under glibc's 32 MiB limit above which every
+    allocation is a fresh memory map that the kernel zero-fills (qinco2-S at A=16 B=8, one
+    thread: 256 MiB chunks took twice the time of 32 MiB ones). On a GPU min(4 GiB, a quarter
+    of its free memory), at least 256 MiB, since small chunks leave it idle (H200, qinco2-S
+    A=16 B=32: 16k vectors/s with 256 MiB, 22k with 4 GiB)."""
     device = torch.device(device)
     if device.type != "cuda":
         return DEFAULT_MAX_BYTES
     free, _ = torch.cuda.mem_get_info(device)
-    return max(DEFAULT_MAX_BYTES, min(GPU_MAX_BYTES, free // 4))
+    return max(GPU_MIN_BYTES, min(GPU_MAX_BYTES, free // 4))
 
 
 def _sq_dists_to_codebook(r_NBD: torch.Tensor, C_KD: torch.Tensor,
@@ -48,11 +68,43 @@ def _candidates(step: Step, r_NBD: torch.Tensor, A: int, beams_out: int) -> torc
     return scores.topk(A_eff, dim=-1, largest=False, sorted=False).indices
 
 
-def _expand_step(step: Step, u_ND, xhat_NBD, A: int, beams_out: int):
+@dataclass(frozen=True)
+class StepRunner:
+    """A conditioned step's network as the encoder runs it: ``net`` in the compute dtype and
+    ``emb_KE``, the step's codeword embeddings (:meth:`StepNetwork.embed_codeword`) computed
+    once in the model's dtype, then cast to the compute dtype."""
+
+    net: StepNetwork
+    emb_KE: torch.Tensor
+    precision: str
+
+    def delta(self, codebook_KD: torch.Tensor, cand_NBA: torch.Tensor, xhat_NB1D: torch.Tensor) -> torch.Tensor:
+        """``f(C[cand], x_hat)`` (``N, B, A, D``; the codeword skip is added in the model's dtype)."""
+        with matmul_precision(self.precision):
+            return self.net.from_embedding(self.emb_KE[cand_NBA], codebook_KD[cand_NBA],
+                                           xhat_NB1D.to(self.emb_KE.dtype))
+
+
+@torch.no_grad()
+def prepare_steps(model: QincoModel, precision: str = "fp32") -> list[StepRunner | None]:
+    """One :class:`StepRunner` per conditioned step (None for a plain step), for one encoding
+    call: the weights as they are now, in the dtype of ``precision``."""
+    runners = []
+    for step in model.steps:
+        if step.net is None:
+            runners.append(None)
+            continue
+        dtype = compute_dtype(precision, step.codebook.dtype)
+        net = step.net if dtype == step.codebook.dtype else copy.deepcopy(step.net).to(dtype)
+        runners.append(StepRunner(net, step.net.embed_codeword(step.codebook).to(dtype), precision))
+    return runners
+
+
+def _expand_step(step: Step, runner: StepRunner | None, u_ND, xhat_NBD, A: int, beams_out: int):
     """Score every (beam, candidate) pair: returns codes (N,B,A') and new reconstructions."""
     N, n_beams, D = xhat_NBD.shape
     r_NBD = u_ND[:, None, :] - xhat_NBD
-    if step.net is None:
+    if runner is None:
         # Plain residual step: exact distances to all codewords, no candidate tensor needed.
         scores_NBK = (_sq_dists_to_codebook(r_NBD, step.codebook, step.codebook_sq_norms())
                       + (r_NBD * r_NBD).sum(-1, keepdim=True))
@@ -60,20 +112,15 @@ def _expand_step(step: Step, u_ND, xhat_NBD, A: int, beams_out: int):
     cand_NBA = _candidates(step, r_NBD, A, beams_out)
     if cand_NBA is None:
         cand_NBA = torch.arange(step.K, device=u_ND.device).expand(N, n_beams, step.K)
-    y_NBAD = xhat_NBD[:, :, None, :] + step.delta(cand_NBA, xhat_NBD[:, :, None, :])
+    y_NBAD = xhat_NBD[:, :, None, :] + runner.delta(step.codebook, cand_NBA, xhat_NBD[:, :, None, :])
     scores_NBA = ((u_ND[:, None, None, :] - y_NBAD) ** 2).sum(-1)
     return cand_NBA, scores_NBA, y_NBAD
 
 
-@torch.no_grad()
-def beam_search(model: QincoModel, u_ND: torch.Tensor, A: int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode normalised vectors; returns ``codes (N, n_codes)`` int64 and ``xhat (N, D)``.
-
-    Step by step, every surviving beam proposes candidates (all codes, or the ``A`` best by
-    pre-selection), each candidate is scored by the full reconstruction error, and the
-    ``B`` best (beam, candidate) pairs survive. The frozen IVF step and the last step keep
-    a single beam.
-    """
+def _search_beams(model: QincoModel, runners: list[StepRunner | None], u_ND: torch.Tensor, A: int, B: int,
+                  n_final: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The beam search proper: codes ``(N, F, n_codes)`` and reconstructions ``(N, F, D)`` of
+    the ``F = n_final`` best final beams (fewer when there are fewer), best first."""
     N, D = u_ND.shape
     xhat_NBD = u_ND.new_zeros(N, 1, D)
     codes_NBm = torch.zeros(N, 1, 0, dtype=torch.long, device=u_ND.device)
@@ -81,10 +128,11 @@ def beam_search(model: QincoModel, u_ND: torch.Tensor, A: int, B: int) -> tuple[
     for m, step in enumerate(model.steps):
         last = m == len(model.steps) - 1
         beams_out = 1 if (last or step.frozen) else B
-        cand_NBA, scores_NBA, y_NBAD = _expand_step(step, u_ND, xhat_NBD, A, beams_out)
+        cand_NBA, scores_NBA, y_NBAD = _expand_step(step, runners[m], u_ND, xhat_NBD, A, beams_out)
         flat_NX = scores_NBA.reshape(N, -1)
         n_cand = scores_NBA.shape[-1]
-        top_NF = flat_NX.topk(min(beams_out, flat_NX.shape[1]), dim=1, largest=False).indices
+        keep = n_final if last else beams_out
+        top_NF = flat_NX.topk(min(keep, flat_NX.shape[1]), dim=1, largest=False).indices
         beam_NF, slot_NF = top_NF // n_cand, top_NF % n_cand
         if cand_NBA is None:
             code_NF = slot_NF
@@ -93,7 +141,43 @@ def beam_search(model: QincoModel, u_ND: torch.Tensor, A: int, B: int) -> tuple[
             code_NF = cand_NBA[rows_N1, beam_NF, slot_NF]
             xhat_NBD = y_NBAD[rows_N1, beam_NF, slot_NF]
         codes_NBm = torch.cat([codes_NBm[rows_N1, beam_NF], code_NF[..., None]], dim=2)
-    return codes_NBm[:, 0], xhat_NBD[:, 0]
+    return codes_NBm, xhat_NBD
+
+
+@torch.no_grad()
+def rescore(model: QincoModel, u_ND: torch.Tensor, codes_NFm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of ``F`` candidate codes per vector, the one whose decoding in the model's dtype is
+    nearest to ``u``: codes ``(N, n_codes)`` and that decoding ``(N, D)``. Ties go to the
+    earlier candidate."""
+    N, F, n_codes = codes_NFm.shape
+    xhat_NFD = model.decode(codes_NFm.reshape(N * F, n_codes)).reshape(N, F, -1)
+    best_N = ((u_ND[:, None, :] - xhat_NFD) ** 2).sum(-1).argmin(1)
+    rows_N = torch.arange(N, device=u_ND.device)
+    return codes_NFm[rows_N, best_N], xhat_NFD[rows_N, best_N]
+
+
+def _beam_search(model: QincoModel, runners: list[StepRunner | None], u_ND: torch.Tensor, A: int, B: int,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if precision == "fp32":
+        codes_NFm, xhat_NFD = _search_beams(model, runners, u_ND, A, B, 1)
+        return codes_NFm[:, 0], xhat_NFD[:, 0]
+    codes_NFm, _ = _search_beams(model, runners, u_ND, A, B, min(B, RESCORED_BEAMS))
+    return rescore(model, u_ND, codes_NFm)
+
+
+@torch.no_grad()
+def beam_search(model: QincoModel, u_ND: torch.Tensor, A: int, B: int, *,
+                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode normalised vectors; returns ``codes (N, n_codes)`` int64 and ``xhat (N, D)``.
+
+    Step by step, every surviving beam proposes candidates (all codes, or the ``A`` best by
+    pre-selection), each candidate is scored by the full reconstruction error, and the
+    ``B`` best (beam, candidate) pairs survive. The frozen IVF step and the last step keep
+    a single beam (a reduced ``precision`` keeps ``min(B, RESCORED_BEAMS)`` at the last step
+    and returns the best of them by float32 error, see :func:`rescore`).
+    """
+    check_precision(precision, u_ND.device)
+    return _beam_search(model, prepare_steps(model, precision), u_ND, A, B, precision)
 
 
 def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
@@ -114,16 +198,21 @@ def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
     return 4 * peak + 4 * B * cfg.D * 4
 
 
-def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int,
-           max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int, max_bytes: int | None = None,
+           precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`beam_search` over chunks of rows so that the working memory stays under ``max_bytes``
-    (default: :func:`default_max_bytes` of the rows' device).
+    (default: :func:`default_max_bytes` of the rows' device); the step tables
+    (:func:`prepare_steps`) are computed once for all chunks.
 
     The codes do not depend on the chunking.
     """
+    check_precision(precision, u_ND.device)
     max_bytes = default_max_bytes(u_ND.device) if max_bytes is None else max_bytes
     chunk = max(1, max_bytes // bytes_per_vector(model, A, B))
+    runners = prepare_steps(model, precision)
     if u_ND.shape[0] <= chunk:
-        return beam_search(model, u_ND, A, B)
-    parts = [beam_search(model, u_ND[i:i + chunk], A, B) for i in range(0, u_ND.shape[0], chunk)]
+        return _beam_search(model, runners, u_ND, A, B, precision)
+    parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
+             for i in range(0, u_ND.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -69,7 +69,8 @@ def _batches(x: np.ndarray, batch: int, progress: bool, desc: str, what: str = "
         yield i, x_nD
 
 
-def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes: bool, what: str):
+def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes: bool, what: str,
+          precision: str = "fp32"):
     """Encode ``x`` (refused when empty) in batches: codes ``(N, n_codes)`` and the summed
     squared errors of the decoded prefixes of length 1..n_codes (or of the full code only)."""
     x = _check_set(codec, x, what)
@@ -77,7 +78,7 @@ def _scan(codec: QincoCodec, x: np.ndarray, batch: int, progress: bool, prefixes
     lengths = range(1, codec.n_codes + 1) if prefixes else [codec.n_codes]
     totals = np.zeros(len(lengths))
     for i, x_ND in _batches(x, batch, progress, "encode", what):
-        codes_NM[i:i + len(x_ND)] = codes = codec.encode(x_ND)
+        codes_NM[i:i + len(x_ND)] = codes = codec.encode(x_ND, precision=precision)
         for j, m in enumerate(lengths):
             totals[j] += mse(x_ND, codec.decode(codes[:, :m])) * len(x_ND)
     return codes_NM, totals / len(x)
@@ -95,11 +96,13 @@ def _mse_fields(codec: QincoCodec, codes_NM: np.ndarray, mse_m: np.ndarray, mse_
 
 @accepts_tensors
 def evaluate_mse(codec: QincoCodec, x: np.ndarray, mse_scale: float = 1.0, *,
-                 batch: int = 16_384, prefixes: bool = False, progress: bool = False) -> dict:
+                 batch: int = 16_384, prefixes: bool = False, progress: bool = False,
+                 precision: str = "fp32") -> dict:
     """MSE of encode+decode (times ``mse_scale``) plus, per step, the fraction of codewords
     used and the entropy (bits) of the code distribution; with ``prefixes`` also
-    ``prefix_mse`` as :func:`evaluate_prefixes` gives it, from the same encoding pass."""
-    codes_NM, mse_m = _scan(codec, x, batch, progress, prefixes, "x")
+    ``prefix_mse`` as :func:`evaluate_prefixes` gives it, from the same encoding pass.
+    ``precision``: the encoder's arithmetic (:meth:`QincoCodec.encode`)."""
+    codes_NM, mse_m = _scan(codec, x, batch, progress, prefixes, "x", precision)
     return _mse_fields(codec, codes_NM, mse_m, mse_scale, prefixes)
 
 
@@ -129,29 +132,31 @@ def _search_fields(xhat_ND: np.ndarray, queries: np.ndarray, gt: np.ndarray, ks,
 @accepts_tensors
 def evaluate_search(codec: QincoCodec, db: np.ndarray, queries: np.ndarray, gt: np.ndarray,
                     ks=KS, *, metric: str = "l2", batch: int = 16_384,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, precision: str = "fp32") -> dict:
     """Exhaustive search over the decoded database: R@k = the true nearest neighbour
     (first column of ``gt``) is among the k best decoded vectors by ``metric`` ("l2" or
-    "ip", see :func:`qinco2.metrics.knn`)."""
+    "ip", see :func:`qinco2.metrics.knn`). ``precision``: the encoder's arithmetic."""
     check_metric(metric)
     _check_queries(codec, queries, gt)
     db = _check_set(codec, db, "db")
     xhat_ND = np.empty((len(db), codec.dim), dtype=np.float32)
     for i, x_ND in _batches(db, batch, progress, "encode db", "db"):
-        xhat_ND[i:i + len(x_ND)] = codec.decode(codec.encode(x_ND))
+        xhat_ND[i:i + len(x_ND)] = codec.decode(codec.encode(x_ND, precision=precision))
     return _search_fields(xhat_ND, queries, gt, ks, metric)
 
 
 @accepts_tensors
 def evaluate_codec(codec: QincoCodec, db: np.ndarray, mse_scale: float = 1.0,
                    queries: np.ndarray | None = None, gt: np.ndarray | None = None, ks=KS, *,
-                   metric: str = "l2", batch: int = 16_384, progress: bool = False) -> dict:
+                   metric: str = "l2", batch: int = 16_384, progress: bool = False,
+                   precision: str = "fp32") -> dict:
     """:func:`evaluate_mse` with prefixes and, when ``queries`` and ``gt`` are given,
-    :func:`evaluate_search` by ``metric``, from one encoding pass over ``db``."""
+    :func:`evaluate_search` by ``metric``, from one encoding pass over ``db`` (encoded in
+    ``precision``, see :meth:`QincoCodec.encode`)."""
     check_metric(metric)
     if queries is not None and gt is not None:
         _check_queries(codec, queries, gt)
-    codes_NM, mse_m = _scan(codec, db, batch, progress, True, "db")
+    codes_NM, mse_m = _scan(codec, db, batch, progress, True, "db", precision)
     out = _mse_fields(codec, codes_NM, mse_m, mse_scale, True)
     if queries is None or gt is None:
         return out

@@ -131,7 +131,9 @@ class ResidualFFN(nn.Module):
             nn.init.zeros_(self.down.weight)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.down(F.relu(self.up(z)))
+        # in place: the product is used by nothing else, and a new tensor cost the encoder
+        # about 15% of its time on the CPU (writing fresh memory)
+        return z + self.down(F.relu(self.up(z), inplace=True))
 
 
 class StepNetwork(nn.Module):
@@ -161,15 +163,24 @@ class StepNetwork(nn.Module):
                 else:
                     nn.init.kaiming_uniform_(self.proj_out.weight, nonlinearity="relu")
 
-    def forward(self, c: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+    def embed_codeword(self, c: torch.Tensor) -> torch.Tensor:
+        """The codeword's part of the network up to the fusion layer, ``(I + W_z) P_in c``
+        (``..., E``): it does not depend on ``x_hat``, so an encoder computes it once for
+        the ``K`` codewords of the step instead of once per (vector, beam, candidate)."""
         z = self.proj_in(c)
-        E = z.shape[-1]
-        w_z, w_x = self.fuse.weight[:, :E], self.fuse.weight[:, E:]
-        z = z + F.linear(z, w_z) + F.linear(xhat, w_x, self.fuse.bias)
+        return z + F.linear(z, self.fuse.weight[:, :z.shape[-1]])
+
+    def from_embedding(self, z: torch.Tensor, c: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """The rest of the network from ``z = embed_codeword(c)``: the ``x_hat`` half of the
+        fusion layer, the residual blocks, the output projection and the codeword skip."""
+        z = z + F.linear(xhat, self.fuse.weight[:, z.shape[-1]:], self.fuse.bias)
         for block in self.blocks:
             z = block(z)
         y = self.proj_out(z)
         return c + y if self.codeword_skip else y
+
+    def forward(self, c: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        return self.from_embedding(self.embed_codeword(c), c, xhat)
 
 
 class Step(nn.Module):
