@@ -9,7 +9,12 @@ fraction of the 10 true neighbours found, cuVS's "recall"), R@1 / R@10 (the true
 neighbour among the first 1 / 10), queries per second (median of ``--repeats`` timed runs
 after a warm-up) and the bytes per vector.
 
+Our index is searched with each ``--cpu-scans`` value (``qinco2.ivfpq.SearchParams.cpu_scan``):
+``auto`` (the default: faiss's IVF-PQ scan over our lists on the CPU) and ``torch`` (the torch
+scan, as on CUDA) for comparison; rows other than ``auto`` name their scan.
+
     python benchmarks/bench_ivfpq.py --pq-dims 16 32 64 --qinco-models runs/bench/qinco2-sift-photos-16x8.pt
+    python benchmarks/bench_ivfpq.py --pq-dims 8 16 32 64 --cpu-scans auto torch --refine-ratios
 """
 
 from __future__ import annotations
@@ -83,7 +88,9 @@ def main() -> None:
     p.add_argument("--kmeans-n-iters", type=int, default=20)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--probes", type=int, nargs="+", default=list(PROBES))
-    p.add_argument("--refine-ratios", type=float, nargs="+", default=[2, 4])
+    p.add_argument("--refine-ratios", type=float, nargs="*", default=[2, 4], help="none: no refinement rows")
+    p.add_argument("--cpu-scans", nargs="+", default=["auto"], choices=["auto", "faiss", "torch"],
+                   help="who scans our lists on the CPU (SearchParams.cpu_scan); one row each")
     p.add_argument("--qinco-models", nargs="+", default=[],
                    help="QINCo2 models (PATH or PATH:A:B) whose codes re-rank the indexes of --qinco-pq-dims")
     p.add_argument("--qinco-pq-dims", type=int, nargs="+", default=[8, 16],
@@ -135,15 +142,18 @@ def main() -> None:
         faiss_build = time.perf_counter() - t0
         code_bytes = pq_dim + 8                                   # PQ code + int64 id
         for n_probes in [n for n in args.probes if n <= args.n_lists]:
+            for cpu_scan in args.cpu_scans:
+                sp = ivfpq.SearchParams(n_probes=n_probes, cpu_scan=cpu_scan)
+                (_, ids), t = timed_median(lambda: ivfpq.search(sp, ours, xq, args.k), args.repeats)
+                scan = "" if cpu_scan == "auto" else f" ({cpu_scan} scan)"
+                emit({"index": f"qinco2.ivfpq IVF{args.n_lists},PQ{pq_dim}x8{scan}", "impl": "ours", "pq_dim": pq_dim,
+                      "cpu_scan": cpu_scan, "n_probes": n_probes, "qps": len(xq) / t, "build_s": ours_build,
+                      "index_bytes": ours.nbytes(), "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             sp = ivfpq.SearchParams(n_probes=n_probes)
-            (_, ids), t = timed_median(lambda: ivfpq.search(sp, ours, xq, args.k), args.repeats)
-            emit({"index": f"qinco2.ivfpq IVF{args.n_lists},PQ{pq_dim}x8", "impl": "ours", "pq_dim": pq_dim,
-                  "n_probes": n_probes, "qps": len(xq) / t, "build_s": ours_build, "index_bytes": ours.nbytes(),
-                  "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             fp = faiss.SearchParametersIVF(nprobe=n_probes)
             (_, ids), t = timed_median(lambda: ref.search(xq, args.k, params=fp), args.repeats)
-            emit({"index": f"faiss {faiss_factory(xb.shape[1], args.n_lists, pq_dim)}", "impl": "faiss", "pq_dim": pq_dim,
-                  "n_probes": n_probes, "qps": len(xq) / t, "build_s": faiss_build,
+            emit({"index": f"faiss {faiss_factory(xb.shape[1], args.n_lists, pq_dim)}", "impl": "faiss",
+                  "pq_dim": pq_dim, "n_probes": n_probes, "qps": len(xq) / t, "build_s": faiss_build,
                   "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             for ratio in args.refine_ratios:
                 (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(

@@ -38,8 +38,8 @@ def index(data):
 def brute_force(index, x_db, q, k, metric="sqeuclidean"):
     """Exhaustive search over the decoding of every stored code (no rotation here)."""
     list_nos = np.repeat(np.arange(index.n_lists), index.list_sizes)
-    codes = np.concatenate([index.list_codes(l) for l in range(index.n_lists)])
-    ids = np.concatenate([index.list_ids(l) for l in range(index.n_lists)])
+    codes = np.concatenate([index.list_codes(li) for li in range(index.n_lists)])
+    ids = np.concatenate([index.list_ids(li) for li in range(index.n_lists)])
     xr = index.decode(list_nos, codes)
     d = ((q[:, None] - xr[None]) ** 2).sum(-1) if metric == "sqeuclidean" else -(q @ xr.T)
     order = np.argsort(d, 1, kind="stable")[:, :k]
@@ -171,7 +171,8 @@ def test_inner_product_and_cosine_against_brute_force(data, metric):
     sign = -1 if metric == "inner_product" else 1          # IP: -(-<q, x>); cosine: 1 + (-<q, x>)
     shift = 0 if metric == "inner_product" else 1
     assert_same_results(dist, ids, shift + sign * ref_dist, shift + sign * ref_by_id, tol=1e-4)
-    assert (np.diff(dist, axis=1) <= 1e-6).all() if metric == "inner_product" else (np.diff(dist, axis=1) >= -1e-6).all()
+    steps = np.diff(dist, axis=1)
+    assert (steps <= 1e-6).all() if metric == "inner_product" else (steps >= -1e-6).all()
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.float16])
@@ -214,7 +215,7 @@ def test_repeated_extend_equals_one_build(data, conservative):
     x, q = data
     params = dataclasses.replace(SMALL, conservative_memory_allocation=conservative)
     whole = ivfpq.build(params, x)
-    assert N <= len(whole.lists.ids) <= N + 32 * whole.n_lists       # a built index is compact
+    assert N <= whole.lists.allocated_rows() <= N + 32 * whole.n_lists       # a built index is compact
     ids = 1000 + 3 * np.arange(N, dtype=np.int64)
     grown = ivfpq.build(dataclasses.replace(params, add_data_on_build=False), x)
     assert grown.size == 0
@@ -222,12 +223,12 @@ def test_repeated_extend_equals_one_build(data, conservative):
         ivfpq.extend(grown, x[a:a + 97], ids[a:a + 97])
     assert grown.size == N and grown.list_sizes.sum() == N
     np.testing.assert_array_equal(grown.list_sizes, whole.list_sizes)
-    for l in (0, 7):
-        np.testing.assert_array_equal(grown.list_codes(l), whole.list_codes(l))
-        np.testing.assert_array_equal(grown.list_ids(l), ids[whole.list_ids(l)])
+    for li in (0, 7):
+        np.testing.assert_array_equal(grown.list_codes(li), whole.list_codes(li))
+        np.testing.assert_array_equal(grown.list_ids(li), ids[whole.list_ids(li)])
     p = SearchParams(n_probes=4)
     np.testing.assert_array_equal(ivfpq.search(p, grown, q, 10)[1], ids[ivfpq.search(p, whole, q, 10)[1]])
-    rows = len(grown.lists.ids)
+    rows = grown.lists.allocated_rows()
     assert rows == N if conservative else N <= rows <= 4 * N + 32 * grown.n_lists
 
 
@@ -240,7 +241,7 @@ def test_save_load_round_trip_and_foreign_files(tmp_path, data, index):
     for got, want in zip(ivfpq.search(p, again, q, 10), ivfpq.search(p, index, q, 10)):
         np.testing.assert_array_equal(got, want)
     assert again.params == index.params
-    assert len(again.lists.ids) <= again.size + 32 * again.n_lists     # loaded compact, not doubled
+    assert again.lists.allocated_rows() <= again.size + 32 * again.n_lists     # loaded compact, not doubled
     (tmp_path / "junk").write_bytes(b"not an index")
     with pytest.raises(ModelFileError, match="not a qinco2 IVF-PQ index"):
         ivfpq.load(tmp_path / "junk")

@@ -31,8 +31,9 @@ class LargestTemporary(TorchFunctionMode):
 
     def __init__(self, index):
         super().__init__()
-        held = [index.lists.codes, index.lists.ids, index.lists.size, index.lists.start, index.centers,
-                index.centers_rot, index.pq_centers, index.rotation_matrix]
+        lists = index.lists                  # torch buffers, or (CPU, subspace) lists held by faiss
+        held = [getattr(lists, name) for name in ("codes", "ids", "size", "start") if hasattr(lists, name)]
+        held += [index.centers, index.centers_rot, index.pq_centers, index.rotation_matrix]
         self.held = {t.untyped_storage().data_ptr() for t in held}
         self.bytes = 0
 
@@ -67,7 +68,7 @@ def assert_same_up_to_ties(dist, ids, ref_dist, ref_ids):
 @pytest.mark.parametrize("lut, internal", [("float32", "float32"), ("float16", "float32"), ("uint8", "float16")])
 def test_search_temporaries_stay_under_the_workspace_on_large_lists(big_lists, lut, internal):
     index, q = big_lists
-    p = SearchParams(n_probes=2, lut_dtype=lut, internal_distance_dtype=internal)
+    p = SearchParams(n_probes=2, lut_dtype=lut, internal_distance_dtype=internal, cpu_scan="torch")
     workspace = 1 << 20              # a list's decoded rows or its 40 queries' scores: 0.6 to 3 MB
     with LargestTemporary(index) as probe:
         dist, ids = ivfpq.search(p, index, q, 10, workspace_bytes=workspace)
@@ -97,7 +98,7 @@ def test_chunks_cover_the_lists_in_order_under_the_budget():
 
 def test_estimate_counts_the_bounded_search_workspace(big_lists):
     index, q = big_lists
-    p = SearchParams(n_probes=2)
+    p = SearchParams(n_probes=2, cpu_scan="torch")       # the torch scan's bounded workspace
 
     def workspace(n_queries, workspace_bytes):
         est = ivfpq.estimate_memory(N, D, index.params, n_queries=n_queries, search_params=p,
@@ -215,11 +216,11 @@ def _whole_sample_books(index, x_ND, gen):
         rows = torch.randperm(len(x_ND), generator=gen)[:cap]
         return kmeans(r_NSL[rows].transpose(0, 1).contiguous(), K, niter=p.kmeans_n_iters, seed=gen)
     books = torch.empty(index.n_lists, K, L)
-    for l in range(index.n_lists):
-        sub_NL = r_NSL[list_nos == l].reshape(-1, L)
+    for li in range(index.n_lists):
+        sub_NL = r_NSL[list_nos == li].reshape(-1, L)
         if len(sub_NL) == 0:
             sub_NL = r_NSL.reshape(-1, L)
-        books[l] = kmeans(sub_NL[torch.randperm(len(sub_NL), generator=gen)[:cap]], K, niter=p.kmeans_n_iters,
+        books[li] = kmeans(sub_NL[torch.randperm(len(sub_NL), generator=gen)[:cap]], K, niter=p.kmeans_n_iters,
                           seed=gen)
     return books
 
@@ -263,7 +264,8 @@ def test_a_bulk_add_sizes_the_lists_once(monkeypatch, conservative):
     buffers, moves = [], []
     lists = index.lists
     relayout, relocate = type(lists)._relayout, type(lists)._relocate
-    monkeypatch.setattr(type(lists), "_relayout", lambda self, c: relayout(self, c) or buffers.append(len(self.ids)))
+    monkeypatch.setattr(type(lists), "_relayout",
+                        lambda self, c: relayout(self, c) or buffers.append(self.allocated_rows()))
     monkeypatch.setattr(type(lists), "_relocate", lambda self, *a: moves.append(1) or relocate(self, *a))
     ivfpq.extend(index, x, np.arange(len(x)))
     assert moves == [] and len(buffers) == 1

@@ -1,4 +1,6 @@
-"""IVF-PQ index with the cuVS parameter set, in torch (CPU and CUDA alike).
+"""IVF-PQ index with the cuVS parameter set, in torch (CPU and CUDA alike); on the CPU, an
+index with subspace codebooks keeps its lists in faiss and is searched by faiss's IVF-PQ scan
+(:mod:`.faiss_scan`, ``SearchParams(cpu_scan=...)``).
 
     >>> from qinco2 import ivfpq
     >>> index = ivfpq.build(ivfpq.IndexParams(n_lists=1024, pq_dim=32), x_ND)          # doctest: +SKIP

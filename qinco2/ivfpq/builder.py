@@ -99,14 +99,14 @@ def _cluster_books(index: Index, sample: np.ndarray, gen: torch.Generator, progr
     cap = K * p.max_train_points_per_pq_code
     books = torch.empty(index.n_lists, K, index.pq_len, device=index.device)
     rows_of = _sample_lists(index, sample)
-    for l in progress_bar(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
-        rows_l = rows_of[l] if len(rows_of[l]) else None        # None: the whole sample
+    for li in progress_bar(range(index.n_lists), desc="PQ codebooks per list", disable=not progress, leave=False):
+        rows_l = rows_of[li] if len(rows_of[li]) else None        # None: the whole sample
         n_l = len(sample) if rows_l is None else len(rows_l)
         ids = _sample_ids(n_l * S, cap, gen)                     # sub-vector = row * S + sub-space
         rows = ids // S if rows_l is None else rows_l[ids // S]
         rows_u, inv = torch.unique(rows, return_inverse=True)
-        r_uSL = _residuals(index, sample, rows_u, None if rows_l is None else l)
-        books[l] = kmeans(r_uSL[inv.to(index.device), (ids % S).to(index.device)], K, niter=p.kmeans_n_iters,
+        r_uSL = _residuals(index, sample, rows_u, None if rows_l is None else li)
+        books[li] = kmeans(r_uSL[inv.to(index.device), (ids % S).to(index.device)], K, niter=p.kmeans_n_iters,
                           seed=gen)
     return books
 

@@ -50,12 +50,11 @@ def _fill_lists(ivf, index: Index) -> None:
     """Copy every list's packed codes and ids into the (empty) inverted lists of ``ivf``."""
     lists = index.lists
     for li in range(index.n_lists):
-        rows = lists.list_rows(li)
-        n = rows.stop - rows.start
+        n = int(lists.size[li])
         if not n:
             continue
-        ids = np.ascontiguousarray(lists.ids[rows].cpu().numpy(), dtype=np.int64)
-        codes = np.ascontiguousarray(lists.codes[rows].cpu().numpy(), dtype=np.uint8)
+        ids = np.ascontiguousarray(lists.list_ids(li).cpu().numpy(), dtype=np.int64)
+        codes = np.ascontiguousarray(lists.list_codes(li).cpu().numpy(), dtype=np.uint8)
         ivf.invlists.add_entries(li, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
     ivf.ntotal = index.size
 

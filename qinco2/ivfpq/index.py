@@ -14,6 +14,7 @@ import torch
 from .. import validation
 from ..kmeans import nearest
 from ..packing import pack_codes, unpack_codes
+from .faiss_lists import FaissInvertedLists
 from .fingerprint import DataFingerprint
 from .lists import InvertedLists
 from .params import IndexParams
@@ -44,6 +45,9 @@ class Index:
     ``rotation_matrix`` ``(rot_dim, dim)``, ``list_sizes``; :meth:`list_codes` and
     :meth:`list_ids` read one list (codes unpacked); ``fingerprint``: the row count and
     fingerprint of the database the ids point into (:mod:`.fingerprint`).
+
+    ``lists``: the inverted lists (:func:`make_lists`): held by faiss for a CPU index with
+    ``codebook_kind="subspace"`` (so faiss's scan reads them in place), by torch otherwise.
     """
 
     def __init__(self, params: IndexParams, dim: int, centers, rotation_matrix, pq_centers, device):
@@ -52,8 +56,7 @@ class Index:
         self.rotation_matrix = rotation_matrix.to(self.device)
         self.pq_centers = pq_centers.to(self.device)
         self.centers_rot = self.rotate(self.centers)
-        self.lists = InvertedLists(params.n_lists, self.code_bytes, self.device,
-                                   params.conservative_memory_allocation)
+        self.lists = make_lists(params, self.code_bytes, self.device)
         # rows and fingerprint of the database the ids point into; None: unknown (an index
         # file written before qinco2 recorded them)
         self.fingerprint: DataFingerprint | None = DataFingerprint()
@@ -78,16 +81,17 @@ class Index:
                 f"metric={self.metric!r}, codebook_kind={self.params.codebook_kind!r}, size={self.size}, "
                 f"device={self.device})")
 
-    def list_codes(self, l: int) -> np.ndarray:
-        """Codes ``(size, pq_dim)`` of list ``l``, unpacked."""
-        return unpack_codes(self.lists.codes[self.lists.list_rows(l)], self.pq_dim, self.pq_bits).cpu().numpy()
+    def list_codes(self, list_no: int) -> np.ndarray:
+        """Codes ``(size, pq_dim)`` of list ``list_no``, unpacked."""
+        return unpack_codes(self.lists.list_codes(list_no), self.pq_dim, self.pq_bits).cpu().numpy()
 
-    def list_ids(self, l: int) -> np.ndarray:
-        """Ids ``(size,)`` int64 of the vectors in list ``l``."""
-        return self.lists.ids[self.lists.list_rows(l)].cpu().numpy()
+    def list_ids(self, list_no: int) -> np.ndarray:
+        """Ids ``(size,)`` int64 of the vectors in list ``list_no`` (a copy)."""
+        return self.lists.list_ids(list_no).cpu().numpy().copy()
 
     def nbytes(self) -> int:
-        """Bytes held by the index: lists, centres (raw and rotated), rotation, codebooks."""
+        """Bytes held by the index: lists, centres (raw and rotated), rotation, codebooks; for
+        lists held by faiss, also the tables of the faiss scan once it has run (:mod:`.faiss_scan`)."""
         tables = (self.centers, self.centers_rot, self.rotation_matrix, self.pq_centers)
         return self.lists.nbytes() + sum(t.nbytes for t in tables)
 
@@ -114,11 +118,11 @@ class Index:
         S, L, K = self.pq_dim, self.pq_len, self.pq_book_size
         subspace = self.params.codebook_kind == "subspace"
 
-        def codes(x, l):
-            r_NSL = (self.rotate(x) - self.centers_rot[l]).view(len(x), S, L)
+        def codes(x, li):
+            r_NSL = (self.rotate(x) - self.centers_rot[li]).view(len(x), S, L)
             if subspace:
                 return nearest(r_NSL.transpose(0, 1), self.pq_centers)[1].T
-            return (torch.cdist(r_NSL, self.pq_centers[l]) ** 2).argmin(-1)   # one codebook per row's list
+            return (torch.cdist(r_NSL, self.pq_centers[li]) ** 2).argmin(-1)   # one codebook per row's list
 
         row_bytes = S * K * 4 * (1 if subspace else 2) + (0 if subspace else K * L * 4)
         return pack_codes(_by_rows(codes, row_bytes, x_ND, list_nos_N), self.pq_bits)
@@ -141,6 +145,16 @@ class Index:
         if self.rot_dim == self.dim and not self.params.force_random_rotation:
             return x_rot.cpu().numpy()
         return (x_rot @ self.rotation_matrix).cpu().numpy()
+
+
+def make_lists(params: IndexParams, code_bytes: int, device: torch.device):
+    """Empty inverted lists for an index: a faiss ``ArrayInvertedLists`` on the CPU with
+    subspace codebooks (:class:`FaissInvertedLists`, what faiss's IVF-PQ scan reads), torch
+    buffers on ``device`` otherwise (:class:`InvertedLists`: CUDA, per-list codebooks)."""
+    conservative = params.conservative_memory_allocation
+    if device.type == "cpu" and params.codebook_kind == "subspace":
+        return FaissInvertedLists(params.n_lists, code_bytes, conservative)
+    return InvertedLists(params.n_lists, code_bytes, device, conservative)
 
 
 def _by_rows(fn, row_bytes: int, *tensors: torch.Tensor) -> torch.Tensor:

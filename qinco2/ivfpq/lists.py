@@ -1,7 +1,10 @@
 """Inverted lists: packed codes and int64 ids of each IVF list, in one buffer on a device.
 
-List ``l`` occupies rows ``start[l] .. start[l] + capacity[l]`` of the buffers, of which the
-first ``size[l]`` are used. With ``conservative=True`` every list holds exactly its vectors
+The storage of indexes on CUDA and of indexes with per-list codebooks; a CPU index with
+subspace codebooks keeps its lists in faiss instead (:mod:`.faiss_lists`, same interface).
+
+List ``li`` occupies rows ``start[li] .. start[li] + capacity[li]`` of the buffers, of which the
+first ``size[li]`` are used. With ``conservative=True`` every list holds exactly its vectors
 (each :meth:`InvertedLists.add` rewrites the buffers); otherwise a list that overflows moves
 to the end of the buffer with a power-of-two capacity, the buffer grows by doubling and is
 compacted when more than half of it is holes, so repeated small adds cost amortised O(1) per
@@ -26,7 +29,7 @@ def _used_rows(start_L: torch.Tensor, size_L: torch.Tensor) -> torch.Tensor:
             + torch.arange(int(size_L.sum()), dtype=torch.int64))
 
 
-def _capacity(n: torch.Tensor) -> torch.Tensor:
+def pow2_capacity(n: torch.Tensor) -> torch.Tensor:
     """Power-of-two capacities >= ``n`` (at least ``MIN_CAPACITY``)."""
     n = n.clamp_min(MIN_CAPACITY).double()
     return (2 ** torch.ceil(torch.log2(n))).long()
@@ -54,8 +57,29 @@ class InvertedLists:
         return (self.codes.nbytes + self.ids.nbytes + self.start.nbytes + self.size.nbytes
                 + self.capacity.nbytes)
 
-    def list_rows(self, l: int) -> slice:
-        return slice(int(self.start[l]), int(self.start[l] + self.size[l]))
+    def allocated_rows(self) -> int:
+        """Rows of the buffers (used, reserved for a list, or holes)."""
+        return len(self.ids)
+
+    def list_rows(self, li: int) -> slice:
+        return slice(int(self.start[li]), int(self.start[li] + self.size[li]))
+
+    def list_codes(self, li: int) -> torch.Tensor:
+        """Packed codes ``(size, code_bytes)`` of list ``li`` (a view of the buffer)."""
+        return self.codes[self.list_rows(li)]
+
+    def list_ids(self, li: int) -> torch.Tensor:
+        """Ids ``(size,)`` of list ``li`` (a view of the buffer)."""
+        return self.ids[self.list_rows(li)]
+
+    def gather(self, lists: torch.Tensor, lo: int, hi: int):
+        """Packed codes, ids and list numbers (on the device) of rows ``lo .. hi`` of ``lists``
+        read one after the other."""
+        size = self.size[lists]
+        first = torch.cumsum(size, 0) - size
+        n_in = (torch.clamp(first + size, max=hi) - torch.clamp(first, min=lo)).clamp_min(0)
+        rows = (torch.repeat_interleave(self.start[lists] - first, n_in) + torch.arange(lo, hi)).to(self.device)
+        return self.codes[rows], self.ids[rows], torch.repeat_interleave(lists, n_in).to(self.device)
 
     def add(self, list_nos_N: torch.Tensor, packed_NB: torch.Tensor, ids_N: torch.Tensor) -> None:
         """Append vectors (their list numbers, packed codes and ids) to their lists."""
@@ -68,7 +92,7 @@ class InvertedLists:
         else:
             grow = need > self.capacity
             if grow.any():
-                self._relocate(grow.nonzero()[:, 0], _capacity(need[grow]))
+                self._relocate(grow.nonzero()[:, 0], pow2_capacity(need[grow]))
         sorted_lists = list_nos_N[order]
         first = torch.cumsum(counts, 0) - counts                         # first sorted row per list
         base = (self.start + self.size - first).to(self.device)
@@ -98,7 +122,7 @@ class InvertedLists:
         need = self.size + counts_L.to(torch.int64).cpu()
         if bool((need <= self.capacity).all()):
             return
-        capacity = need if self.conservative else torch.where(need > self.capacity, _capacity(need), self.capacity)
+        capacity = need if self.conservative else torch.where(need > self.capacity, pow2_capacity(need), self.capacity)
         self._relayout(capacity)
 
     def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
@@ -111,8 +135,8 @@ class InvertedLists:
             return
         self._reserve(self.end + total)
         new_start = self.end + torch.cumsum(capacity, 0) - capacity
-        for l, s in zip(lists.tolist(), new_start.tolist()):
-            a, n = int(self.start[l]), int(self.size[l])
+        for li, s in zip(lists.tolist(), new_start.tolist()):
+            a, n = int(self.start[li]), int(self.size[li])
             self.codes[s:s + n] = self.codes[a:a + n]
             self.ids[s:s + n] = self.ids[a:a + n]
         self.start[lists] = new_start

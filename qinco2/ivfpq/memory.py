@@ -8,11 +8,22 @@ lists hold exactly their vectors; otherwise list capacities round up to powers o
 whatever the list sizes (:mod:`qinco2.ivfpq.scan`); ``build_peak_bytes`` the training's
 working memory, which no longer grows with a float32 copy of the k-means sample
 (:mod:`qinco2.ivfpq.builder`).
+
+A CPU index with ``codebook_kind="subspace"`` keeps its lists in faiss (:mod:`.faiss_lists`):
+``index_parts["list_headers"]`` counts its two vectors per list; ``cpu_scan_bytes`` is what
+faiss's scan keeps once the index has been searched (:mod:`.faiss_scan`: a copy of the
+rotated centres and codebooks, and for ``sqeuclidean`` the precomputed table; see
+:func:`~qinco2.ivfpq.faiss_scan.scan_bytes`), part of
+``search_peak_bytes``. Both are 0 for other indexes (``device="cuda"``, per-list codebooks).
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..kmeans import KMEANS_MAX_BYTES
+from .faiss_lists import VECTOR_HEADER_BYTES
+from .faiss_scan import scan_bytes
 from .index import CHUNK_ROWS, WORK_BYTES
 from .params import IndexParams, SearchParams
 from .scan import DEFAULT_WORKSPACE_BYTES, search_workspace_bytes
@@ -38,12 +49,13 @@ def _build_peak(n_vectors: int, dim: int, p: IndexParams, rot_dim: int, input_it
 
 def estimate_memory(n_vectors: int, dim: int, params: IndexParams | None = None, *, n_queries: int = 1,
                     k: int = 10, input_itemsize: int = 4, search_params: SearchParams | None = None,
-                    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> dict:
+                    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, device: str = "cpu") -> dict:
     """Index, host (refinement), search-workspace, search-peak and build-peak bytes for
     ``n_vectors`` vectors of dimension ``dim`` (raw vectors of ``input_itemsize`` bytes per
-    value; default ``IndexParams()`` and ``SearchParams()``), with the parts of the index under
-    ``index_parts``."""
+    value; default ``IndexParams()`` and ``SearchParams()``) on ``device``, with the parts of
+    the index under ``index_parts``, and ``cpu_scan_bytes`` (see the module)."""
     p = (params or IndexParams()).validated(dim)
+    faiss_lists = torch.device(device).type == "cpu" and p.codebook_kind == "subspace"
     C, K = p.n_lists, 1 << p.pq_bits
     rot_dim = p.pq_dim * -(-dim // p.pq_dim)
     pq_len = rot_dim // p.pq_dim
@@ -55,7 +67,9 @@ def estimate_memory(n_vectors: int, dim: int, params: IndexParams | None = None,
         "codebooks": books,
         "extras": C * (20 + 8 * dim),
         "rotation_matrix": FLOAT_BYTES * rot_dim * dim,
+        "list_headers": 2 * VECTOR_HEADER_BYTES * C if faiss_lists else 0,
     }
+    scan_tables = scan_bytes(C, rot_dim, p.pq_dim, p.pq_bits, p.metric) if faiss_lists else 0
     index = sum(parts.values())
     workspace = search_workspace_bytes((search_params or SearchParams()).validated(), k, n_queries=n_queries, n_lists=C,
                                        pq_dim=p.pq_dim, pq_bits=p.pq_bits, rot_dim=rot_dim,
@@ -65,7 +79,8 @@ def estimate_memory(n_vectors: int, dim: int, params: IndexParams | None = None,
         "index_parts": parts,
         "host_refinement_bytes": n_vectors * dim * input_itemsize,
         "search_workspace_bytes": workspace,
+        "cpu_scan_bytes": scan_tables,
         "search_peak_bytes": index + n_queries * dim * FLOAT_BYTES + n_queries * k * (IDX_BYTES + FLOAT_BYTES)
-        + workspace,
+        + workspace + scan_tables,
         "build_peak_bytes": _build_peak(n_vectors, dim, p, rot_dim, input_itemsize),
     }

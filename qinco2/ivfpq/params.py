@@ -14,6 +14,7 @@ METRICS = ("sqeuclidean", "inner_product", "cosine")
 CODEBOOK_KINDS = ("subspace", "cluster")
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 DISTANCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CPU_SCANS = ("auto", "faiss", "torch")
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,20 @@ class SearchParams:
     offsets per table); ``internal_distance_dtype``: precision of the summed distances.
     ``preferred_smem_carveout`` tunes the shared memory of cuVS's GPU kernels; it is accepted
     for compatibility and has no effect here (torch kernels manage their own memory).
+
+    ``cpu_scan`` (qinco2's own): who scores the probed lists of a CPU index. ``"auto"``:
+    faiss's IVF-PQ scan where it can read the lists (CPU, ``codebook_kind="subspace"``;
+    :mod:`qinco2.ivfpq.faiss_scan`), the torch scan otherwise (CUDA, per-list codebooks);
+    ``"faiss"``: faiss's scan or :class:`ConfigError`; ``"torch"``: the torch scan, as on
+    CUDA. faiss's tables are float32 whatever ``lut_dtype`` and ``internal_distance_dtype``
+    say; the torch scan honours them.
     """
 
     n_probes: int = 20
     lut_dtype: str = "float32"
     internal_distance_dtype: str = "float32"
     preferred_smem_carveout: float = 1.0
+    cpu_scan: str = "auto"
 
     def validated(self) -> SearchParams:
         """``self`` with the dtypes resolved, or :class:`ConfigError` naming the setting out of range."""
@@ -85,6 +94,8 @@ class SearchParams:
         distance = _dtype_name(self.internal_distance_dtype, DISTANCE_DTYPES, "internal_distance_dtype")
         if not 0 <= self.preferred_smem_carveout <= 1:
             raise ConfigError(f"preferred_smem_carveout must be in [0, 1], got {self.preferred_smem_carveout}")
+        if self.cpu_scan not in CPU_SCANS:
+            raise ConfigError(f"cpu_scan must be one of {CPU_SCANS}, got {self.cpu_scan!r}")
         return dataclasses.replace(self, lut_dtype=lut, internal_distance_dtype=distance)
 
 

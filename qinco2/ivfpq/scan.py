@@ -4,12 +4,16 @@ followed by refinement re-ranking (raw vectors or a QINCo2 codec).
 With float32 tables the sum of a code's table entries equals a dot product of the query
 with the decoded code, so lists are scored by matrix products with their decoded codes;
 reduced-precision tables (``lut_dtype``, ``internal_distance_dtype``) are built and summed in
-the requested types. Every stage is a torch operation, the same code on CPU and CUDA.
+the requested types. Every stage of this torch scan is a torch operation, the same code on
+CPU and CUDA. A CPU index with subspace codebooks is scanned by faiss's IVF-PQ scan over its
+own lists instead (:mod:`.faiss_scan`; ``SearchParams.cpu_scan`` chooses): same results up to
+float rounding and ties, several times faster on few CPU cores.
 
 Memory: the search workspace stays under ``workspace_bytes`` whatever the list sizes. Queries
 go in batches whose buffers (coarse scores, tables, top-k per probe) take at most half of it;
 the probed lists are scanned in chunks (runs of small lists, pieces of a large one) whose
 temporaries (unpacked and decoded rows, scores or gathered table entries) take the rest.
+faiss's scan works query by query inside a batch (its per-thread tables and heaps are small).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import numpy as np
 import torch
 
 from .. import validation
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..packing import unpack_codes
 from ..rerank import refine, refine_with_codec
 from ..tensor_io import accepts_tensors
+from . import faiss_scan
 from .index import Index, check_vectors, float_rows
 from .params import DISTANCE_DTYPES, LUT_DTYPES, SearchParams
 
@@ -35,13 +40,13 @@ FP16_SUM_MAX = 60_000.0                                  # below float16's large
 GROUP_COST = 6e6      # fixed cost of one list group's operations, in multiply-adds (tuned on 2 CPU threads)
 
 
-def _tables(index: Index, p: SearchParams, q_rot, pair_const, l: int):
-    """Look-up tables ``(nq, S, K)`` of the (query, list ``l``) pairs, stored in ``p.lut_dtype``,
+def _tables(index: Index, p: SearchParams, q_rot, pair_const, li: int):
+    """Look-up tables ``(nq, S, K)`` of the (query, list ``li``) pairs, stored in ``p.lut_dtype``,
     with the scale and constants of their sums (:func:`_quantized`)."""
     nq, S, L = len(q_rot), index.pq_dim, index.pq_len
-    books = index.pq_centers if index.params.codebook_kind == "subspace" else index.pq_centers[l].expand(S, -1, -1)
+    books = index.pq_centers if index.params.codebook_kind == "subspace" else index.pq_centers[li].expand(S, -1, -1)
     if index.metric == "sqeuclidean":
-        u = (q_rot - index.centers_rot[l]).reshape(nq, S, L).transpose(0, 1)          # (S, nq, L)
+        u = (q_rot - index.centers_rot[li]).reshape(nq, S, L).transpose(0, 1)          # (S, nq, L)
         lut = (torch.cdist(u, books) ** 2).transpose(0, 1)                              # (nq, S, K)
         const = torch.zeros(nq, device=q_rot.device)
     else:
@@ -178,20 +183,13 @@ class _Probes:
         return slice(self.first[l0], self.first[l1] + int(self.counts[l1]))
 
 
-def _chunk_rows(index: Index, pr: _Probes, u0: int, u1: int, a: int, b: int):
-    """Buffer rows and list numbers of the probed rows ``a .. b`` (of lists ``u0 .. u1 - 1``)."""
-    lists, first = pr.lists_U[u0:u1], pr.first_U[u0:u1]
-    n_in = (torch.clamp(first + index.lists.size[lists], max=b) - torch.clamp(first, min=a))
-    rows = torch.repeat_interleave(index.lists.start[lists] - first, n_in) + torch.arange(a, b)
-    return rows.to(index.device), torch.repeat_interleave(lists, n_in).to(index.device)
-
-
 def _scan_chunk(index: Index, p: SearchParams, q_rot: torch.Tensor, pr: _Probes, chunk, k: int, tables=None):
     """The pairs of a chunk, their top-``k`` scores and ids among the chunk's rows, and the
     look-up tables used (reduced precision: ``tables`` are those of the list's earlier pieces)."""
     u0, u1, a, b = chunk
-    rows, lists_n = _chunk_rows(index, pr, *chunk)
-    codes = unpack_codes(index.lists.codes[rows], index.pq_dim, index.pq_bits)
+    first = int(pr.first_U[u0])                                  # rows a .. b in the probed order
+    packed, ids_n, lists_n = index.lists.gather(pr.lists_U[u0:u1], a - first, b - first)
+    codes = unpack_codes(packed, index.pq_dim, index.pq_bits)
     sel = pr.pairs(pr.lists_U[u0:u1])
     if _exact(p):
         r = index.residuals(codes, lists_n)
@@ -205,7 +203,7 @@ def _scan_chunk(index: Index, p: SearchParams, q_rot: torch.Tensor, pr: _Probes,
             tables = _tables(index, p, q_rot[pr.query_of[sel]], pr.const[sel], int(pr.lists_U[u0]))
         scores = _table_scores(p, tables, codes)
     top = torch.topk(scores, min(k, b - a), dim=1, largest=False)
-    return sel, top.values, index.lists.ids[rows][top.indices], tables
+    return sel, top.values, ids_n[top.indices], tables
 
 
 def _search_batch(index: Index, p: SearchParams, q_QD: torch.Tensor, k: int, budget: int):
@@ -264,6 +262,19 @@ def search_workspace_bytes(p: SearchParams, k: int, *, n_queries: int, n_lists: 
     return min(need, max(workspace_bytes, per_query + per_row))
 
 
+def _use_faiss(index: Index, p: SearchParams) -> bool:
+    """Whether faiss's scan searches ``index`` (``p.cpu_scan``, see :class:`SearchParams`)."""
+    if p.cpu_scan == "torch":
+        return False
+    if faiss_scan.supported(index):
+        return True
+    if p.cpu_scan == "faiss":
+        raise ConfigError(f"cpu_scan='faiss' needs a CPU index with codebook_kind='subspace'; this one is on "
+                          f"{index.device} with codebook_kind={index.params.codebook_kind!r}: use cpu_scan='auto' "
+                          "(the torch scan here) or 'torch'")
+    return False
+
+
 def _to_metric(index: Index, dist_QK: torch.Tensor) -> torch.Tensor:
     if index.metric == "inner_product":
         return -dist_QK
@@ -278,7 +289,8 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
     """The ``k`` approximate nearest neighbours of each query: ``(distances, neighbors)``,
     float32 and int64 ``(Q, k)``; -1 ids (and inf distances, -inf for inner products) where
     the probed lists hold fewer than ``k`` vectors. ``workspace_bytes`` bounds the temporaries
-    (see the module docstring; :func:`search_workspace_bytes` estimates them)."""
+    (see the module docstring; :func:`search_workspace_bytes` estimates them). A CPU index with
+    subspace codebooks is scanned by faiss (``search_params.cpu_scan``; :mod:`.faiss_scan`)."""
     p = search_params.validated()
     queries = check_vectors(queries, "queries", index.dim)
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -289,13 +301,18 @@ def search(search_params: SearchParams, index: Index, queries, k: int, *,
     distances = np.full((Q, k), np.inf, dtype=np.float32)
     neighbors = np.full((Q, k), -1, dtype=np.int64)
     step = _batch_size(index, p, k, workspace_bytes)
+    use_faiss = _use_faiss(index, p)
     with torch.no_grad():
         for a in range(0, Q, step):
             q_QD = float_rows(queries[a:a + step], index.device, index.metric == "cosine")
-            budget = workspace_bytes - len(q_QD) * _index_query_bytes(index, p, k)
-            dist, ids = _search_batch(index, p, q_QD, k, budget)
-            distances[a:a + len(q_QD), :dist.shape[1]] = _to_metric(index, dist).cpu().numpy()
-            neighbors[a:a + len(q_QD), :ids.shape[1]] = ids.cpu().numpy()
+            if use_faiss:
+                dist, ids = faiss_scan.search_batch(index, p, q_QD, k)
+            else:
+                budget = workspace_bytes - len(q_QD) * _index_query_bytes(index, p, k)
+                dist, ids = _search_batch(index, p, q_QD, k, budget)
+                dist, ids = _to_metric(index, dist).cpu().numpy(), ids.cpu().numpy()
+            distances[a:a + len(q_QD), :dist.shape[1]] = dist
+            neighbors[a:a + len(q_QD), :ids.shape[1]] = ids
     if index.metric == "inner_product":
         distances[neighbors < 0] = -np.inf
     return distances, neighbors
