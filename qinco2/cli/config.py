@@ -84,6 +84,7 @@ class CliArgs:
     max_train_points_per_pq_code: Optional[int] = _key(None, "PQ training rows per code (null = cuVS's default)")
     n_probes: Any = _key(None, "IVF lists scanned per query; one value or a list (null = cuVS's default)")
     lut_dtype: Optional[str] = _key(None, "dtype of the lookup tables (null = cuVS's default)")
+    cpu_scan: Optional[str] = _key(None, "CPU scan of IVF-PQ: auto (faiss's where it can), faiss or torch")
     internal_distance_dtype: Optional[str] = _key(None, "dtype of the distances (null = cuVS's default)")
     preferred_smem_carveout: Optional[float] = _key(None, "cuVS: shared-memory carveout fraction")
     k: int = _key(10, "neighbours returned per query")

@@ -44,7 +44,8 @@ def task_ivfpq_build(args: CliArgs, given: set[str], device: str) -> dict:
     build_s = time.perf_counter() - start
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     ivfpq.save(output, index)
-    est = ivfpq.estimate_memory(len(x), x.shape[1], index.params, input_itemsize=x.dtype.itemsize)
+    est = ivfpq.estimate_memory(len(x), x.shape[1], index.params, input_itemsize=x.dtype.itemsize,
+                                device=str(index.device))
     result = {"task": "ivfpq_build", "output": output, "dataset": ds.name, "n": index.size,
               "dim": index.dim, **{k: v for k, v in dataclasses.asdict(index.params).items()},
               "rot_dim": index.rot_dim, "build_s": round(build_s, 2),

@@ -20,7 +20,7 @@ CODEC_KEYS = ("model", *ARCH_KEYS)  # load_codec: A and B set the beam, the othe
 IVFPQ_INDEX_KEYS = ("n_lists", "metric", "kmeans_n_iters", "kmeans_trainset_fraction", "pq_bits",
                     "pq_dim", "codebook_kind", "force_random_rotation", "conservative_memory_allocation",
                     "add_data_on_build", "max_train_points_per_pq_code", "seed")
-IVFPQ_SEARCH_KEYS = ("lut_dtype", "internal_distance_dtype", "preferred_smem_carveout")
+IVFPQ_SEARCH_KEYS = ("lut_dtype", "internal_distance_dtype", "preferred_smem_carveout", "cpu_scan")
 
 # task -> (one-line description, the keys it reads besides COMMON_KEYS)
 TASKS_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
