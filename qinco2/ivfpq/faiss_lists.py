@@ -25,12 +25,12 @@ import faiss
 import numpy as np
 import torch
 
-from .lists import MIN_CAPACITY, pow2_capacity
+from .lists import MIN_CAPACITY, ListCapacity, pow2_capacity
 
 VECTOR_HEADER_BYTES = 96      # a faiss::MaybeOwnedVector (80 bytes) and its allocation's overhead; two per list
 
 
-class FaissInvertedLists:
+class FaissInvertedLists(ListCapacity):
     """Packed codes (``code_bytes`` per vector) and int64 ids of ``n_lists`` lists, held by
     ``self.invlists`` (a ``faiss.ArrayInvertedLists``); ``view``: the faiss index that scans
     them (:mod:`.faiss_scan`), dropped whenever the lists move to a new ``ArrayInvertedLists``."""
@@ -126,16 +126,6 @@ class FaissInvertedLists:
             self.conservative = conservative
             if conservative and not torch.equal(self.capacity, self.size):
                 self._relayout(self.size.clone())
-
-    def reserve(self, counts_L: torch.Tensor) -> None:
-        """Room for ``counts_L`` more vectors in each list, made in one rewrite (exact sizes for
-        a conservative index, power-of-two capacities otherwise); the adds that follow then
-        move nothing."""
-        need = self.size + counts_L.to(torch.int64).cpu()
-        if bool((need <= self.capacity).all()):
-            return
-        capacity = need if self.conservative else torch.where(need > self.capacity, pow2_capacity(need), self.capacity)
-        self._relayout(capacity)
 
     def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
         """Give ``lists`` a larger capacity, keeping their rows: ``capacity``, or twice their

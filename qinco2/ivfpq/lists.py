@@ -35,7 +35,24 @@ def pow2_capacity(n: torch.Tensor) -> torch.Tensor:
     return (2 ** torch.ceil(torch.log2(n))).long()
 
 
-class InvertedLists:
+class ListCapacity:
+    """What both list storages (:class:`InvertedLists`, the CPU's faiss lists) share: sizing in
+    one rewrite. Subclasses hold ``size`` and ``capacity`` (int64 per list), ``conservative``,
+    and ``_relayout(capacity)``."""
+
+    def reserve(self, counts_L: torch.Tensor) -> None:
+        """Room for ``counts_L`` more vectors in each list, made in one rewrite: exact sizes for
+        a conservative index, power-of-two capacities otherwise; the adds that follow then move
+        nothing. Peak memory: the old buffers plus the new ones (for an empty index: the final
+        index alone, instead of up to 4x with growth by doubling)."""
+        need = self.size + counts_L.to(torch.int64).cpu()
+        if bool((need <= self.capacity).all()):
+            return
+        capacity = need if self.conservative else torch.where(need > self.capacity, pow2_capacity(need), self.capacity)
+        self._relayout(capacity)
+
+
+class InvertedLists(ListCapacity):
     """Packed codes ``(rows, code_bytes)`` uint8 and ids ``(rows,)`` int64 of ``n_lists`` lists."""
 
     def __init__(self, n_lists: int, code_bytes: int, device, conservative: bool = False):
@@ -113,17 +130,6 @@ class InvertedLists:
             self.conservative = conservative
             if conservative and not (torch.equal(self.capacity, self.size) and self.end == self.ntotal):
                 self._relayout(self.size.clone())
-
-    def reserve(self, counts_L: torch.Tensor) -> None:
-        """Room for ``counts_L`` more vectors in each list, made in one rewrite: exact sizes for
-        a conservative index, power-of-two capacities otherwise; the adds that follow then move
-        nothing. Peak memory: the old buffers plus the new ones (for an empty index: the final
-        index alone, instead of up to 4x with growth by doubling)."""
-        need = self.size + counts_L.to(torch.int64).cpu()
-        if bool((need <= self.capacity).all()):
-            return
-        capacity = need if self.conservative else torch.where(need > self.capacity, pow2_capacity(need), self.capacity)
-        self._relayout(capacity)
 
     def _relocate(self, lists: torch.Tensor, capacity: torch.Tensor) -> None:
         """Move ``lists`` to new regions of ``capacity`` rows at the end of the buffers."""
