@@ -112,3 +112,21 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str, dict | None]:
     results = [json.loads(line[len("RESULT "):]) for line in out.splitlines()
                if line.startswith("RESULT ")]
     return rc, out, err, results[-1] if results else None
+
+
+def _dies_after(codec, n_calls: int):
+    """``codec.encode`` that raises KeyboardInterrupt (a kill) on call ``n_calls + 1``."""
+    encode, calls = codec.encode, []
+
+    def encode_or_die(*args, **kwargs):
+        if len(calls) == n_calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return encode(*args, **kwargs)
+    return encode_or_die
+
+
+@pytest.fixture
+def dies_after():
+    """Factory: ``dies_after(codec, n)`` -> a ``codec.encode`` killed (KeyboardInterrupt) on call n + 1."""
+    return _dies_after

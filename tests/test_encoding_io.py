@@ -156,23 +156,11 @@ def test_cli_encode_writes_the_model_sha(make_codec, x, tmp_path, capsys):
     np.testing.assert_array_equal(z["codes"], codec.encode(x[:500]))
 
 
-def _dies_after(codec, n_calls: int):
-    """``codec.encode`` that raises KeyboardInterrupt (a kill) on call ``n_calls + 1``."""
-    encode, calls = codec.encode, []
-
-    def encode_or_die(*args, **kwargs):
-        if len(calls) == n_calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return encode(*args, **kwargs)
-    return encode_or_die
-
-
-def test_a_killed_encoding_resumes_to_the_same_file(make_codec, x, tmp_path, monkeypatch):
+def test_a_killed_encoding_resumes_to_the_same_file(dies_after, make_codec, x, tmp_path, monkeypatch):
     codec = make_codec()
     data, encode = x[:1000], codec.encode
     encode_to_file(codec, data, tmp_path / "ref.npy", batch=100, shard_rows=100, progress=False)
-    monkeypatch.setattr(codec, "encode", _dies_after(codec, 3))     # killed while encoding shard 3
+    monkeypatch.setattr(codec, "encode", dies_after(codec, 3))     # killed while encoding shard 3
     with pytest.raises(KeyboardInterrupt):
         encode_to_file(codec, data, tmp_path / "out.npy", batch=100, shard_rows=100, progress=False)
     parts = tmp_path / ".out.npy.parts"
@@ -189,10 +177,10 @@ def test_a_killed_encoding_resumes_to_the_same_file(make_codec, x, tmp_path, mon
     assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
 
 
-def test_shards_of_other_data_are_not_reused(make_codec, x, tmp_path, monkeypatch):
+def test_shards_of_other_data_are_not_reused(dies_after, make_codec, x, tmp_path, monkeypatch):
     codec = make_codec()
     encode = codec.encode
-    monkeypatch.setattr(codec, "encode", _dies_after(codec, 2))
+    monkeypatch.setattr(codec, "encode", dies_after(codec, 2))
     with pytest.raises(KeyboardInterrupt):
         encode_to_file(codec, x[:500], tmp_path / "out.npy", batch=100, shard_rows=100, progress=False)
     monkeypatch.setattr(codec, "encode", encode)

@@ -28,18 +28,6 @@ def x():
     return np.random.default_rng(0).normal(0, 1, (1000, D)).astype(np.float32)
 
 
-def _dies_after(codec, n_calls: int):
-    """``codec.encode`` that raises KeyboardInterrupt (a kill) on call ``n_calls + 1``."""
-    encode, calls = codec.encode, []
-
-    def encode_or_die(*args, **kwargs):
-        if len(calls) == n_calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return encode(*args, **kwargs)
-    return encode_or_die
-
-
 # ---------------------------------------------------------------- item 1: one writer per output
 def test_a_second_job_writing_the_same_output_is_refused(make_codec, x, tmp_path, monkeypatch):
     one, other = make_codec(), make_codec(seed=1)
@@ -107,10 +95,10 @@ def test_the_lock_is_exclusive_and_released_on_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- item 3: stale shards
-def test_a_shard_whose_input_rows_changed_is_encoded_again(make_codec, x, tmp_path, monkeypatch):
+def test_a_shard_whose_input_rows_changed_is_encoded_again(dies_after, make_codec, x, tmp_path, monkeypatch):
     codec = make_codec()
     encode = codec.encode
-    monkeypatch.setattr(codec, "encode", _dies_after(codec, 3))     # killed while encoding shard 3
+    monkeypatch.setattr(codec, "encode", dies_after(codec, 3))     # killed while encoding shard 3
     with pytest.raises(KeyboardInterrupt):
         encode_to_file(codec, x, tmp_path / "out.npy", batch=100, shard_rows=100, progress=False)
     assert (tmp_path / ".out.npy.parts" / "shard-0000000.npy").is_file()
