@@ -71,11 +71,11 @@ def save_checkpoint(path, model_config: dict, state_dict: dict, training: dict |
     atomic_torch_save(payload, path, "model")
 
 
-def load_tagged(path, tag: str, version: int, what: str, missing_hint: str,
+def load_tagged(path, tag: str, version: int | tuple[int, ...], what: str, missing_hint: str,
                 required: tuple[str, ...] = ()) -> dict:
-    """Read a ``torch.save``-d dict carrying ``format == tag``, ``version`` and the keys
-    ``required``; typed errors (:class:`ModelFileError`) for a missing, unreadable, foreign,
-    other-version or incomplete file."""
+    """Read a ``torch.save``-d dict carrying ``format == tag``, ``version`` (one of them, when a
+    tuple: the newest last) and the keys ``required``; typed errors (:class:`ModelFileError`) for
+    a missing, unreadable, foreign, other-version or incomplete file."""
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{what} file {path} is a directory, not a file; give the path of the file")
@@ -94,9 +94,10 @@ def load_tagged(path, tag: str, version: int, what: str, missing_hint: str,
     if not isinstance(payload, dict) or payload.get("format") != tag:
         raise ModelFileError(f"{path} is not a qinco2 {what} file (no '{tag}' format tag); "
                              "files from other code bases must be converted first")
-    if payload.get("version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if payload.get("version") not in versions:
         raise ModelFileError(f"{path} has {what} format version {payload.get('version')}, this qinco2 "
-                             f"reads version {version}; upgrade qinco2 or retrain")
+                             f"reads version {' or '.join(map(str, versions))}; upgrade qinco2 or retrain")
     missing = [key for key in required if key not in payload]
     if missing:
         raise ModelFileError(f"{path} is a damaged {what} file: it lacks {missing} (it holds "

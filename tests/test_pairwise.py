@@ -39,11 +39,16 @@ def trained(pair_data):
     return PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x, centroids, progress=False)
 
 
+def _hold(n: int, holdout_rows: int = 100_000) -> int:
+    """Rows held out by training on ``n`` rows (the decoder's rule)."""
+    return max(1, min(holdout_rows, n // 4))
+
+
 def test_learned_state_and_decode_shapes(trained, pair_data):
     codes = pair_data[0]
-    J = round(2 * M)
-    assert trained.M_ == M and trained.pairs_.shape == (J, 2) and trained.tables_.shape == (J, K * K, D)
-    assert trained.tables_.dtype == np.float32 and len(trained.train_mse_) == J
+    J = len(trained.pairs_)
+    assert 2 <= J <= round(2 * M) and trained.pairs_.shape == (J, 2) and trained.tables_.shape == (J, K * K, D)
+    assert trained.tables_.dtype == np.float32 and len(trained.holdout_mse_) == len(trained.shrinkage_) == J
     assert (trained.pairs_[:, 0] < trained.pairs_[:, 1]).all() and trained.pairs_.max() < M + 2
     xhat = trained.decode(codes[:100])
     assert xhat.shape == (100, D) and xhat.dtype == np.float32
@@ -58,70 +63,114 @@ def test_ivf_subcodes_shape_and_range(trained):
     assert len(np.unique(sub[:, 0])) == C
 
 
-def test_greedy_never_increases_training_mse(trained, pair_data):
+def test_every_table_lowers_the_held_out_mse(trained, pair_data):
     codes, x, centroids = pair_data
-    initial = mse(x - centroids[codes[:, 0]], 0 * x)
-    curve = [initial] + trained.train_mse_
-    # eval_rows >= N: each table is the exact minimiser over the evaluated rows; float32
-    # tables may add ~1e-7 relative, hence the slack
-    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(curve))
+    h = _hold(len(codes))
+    initial = mse(x[:h] - centroids[codes[:h, 0]], 0 * x[:h])
+    curve = [initial] + trained.holdout_mse_
+    assert all(b < a * (1 - trained.min_gain) for a, b in itertools.pairwise(curve))
     assert curve[-1] < 0.1 * initial
-    # the logged MSE is the decoder's own MSE (float32 sums in another order: 1e-4 relative)
-    assert mse(x, trained.decode(codes)) == pytest.approx(trained.train_mse_[-1], rel=1e-4)
+    # the logged MSE is the decoder's own MSE on the held-out rows (float32 tables: 1e-4 relative)
+    assert mse(x[:h], trained.decode(codes[:h])) == pytest.approx(trained.holdout_mse_[-1], rel=1e-4)
+
+
+def _shrunk_table(t_fit, code_fit, lam):
+    """Per-cell ``sum / (count + lam)`` with a plain loop over the occupied cells (0 elsewhere)."""
+    table = np.zeros((K * K, D))
+    for cell in np.unique(code_fit):
+        rows = t_fit[code_fit == cell]
+        table[cell] = rows.sum(0) / (len(rows) + lam)
+    return table
+
+
+def _reference_greedy(cols, t, J, h, shrinkage, min_gain):
+    """The greedy rounds on whole float64 arrays: fit on rows ``h:``, score every pair and
+    shrinkage on rows ``:h``, stop when the best gains less than ``min_gain``. Slow, obvious."""
+    t, pairs, tables, mses, lams = t.copy(), [], [], [], []
+    for _ in range(J):
+        best, before = None, mse(t[:h], 0 * t[:h])
+        for a in range(cols.shape[1]):
+            for b in range(a + 1, cols.shape[1]):
+                code = cols[:, a] * K + cols[:, b]
+                for lam in shrinkage:
+                    table = _shrunk_table(t[h:], code[h:], lam)
+                    err = mse(t[:h], table[code[:h]])
+                    if best is None or err < best[0]:
+                        best = (err, (a, b), lam, table.astype(np.float32))   # decoded in float32
+        err, (a, b), lam, table = best
+        if not err < before * (1 - min_gain):
+            break
+        t -= table[cols[:, a] * K + cols[:, b]]
+        pairs.append((a, b)), tables.append(table), mses.append(err), lams.append(lam)
+    return np.array(pairs), np.stack(tables), mses, lams
 
 
 def test_first_round_matches_plain_loop_reference(trained, pair_data):
     codes, x, centroids = pair_data
     cols = np.concatenate([codes[:, 1:], trained.ivf_subcodes_[codes[:, 0]]], 1)
     t = (x - centroids[codes[:, 0]]).astype(np.float64)
-    best = None
-    for a in range(cols.shape[1]):
-        for b in range(a + 1, cols.shape[1]):
-            table = np.zeros((K * K, D))
-            for cell in np.unique(cols[:, a] * K + cols[:, b]):
-                table[cell] = t[cols[:, a] * K + cols[:, b] == cell].mean(0)
-            err = mse(t, table[cols[:, a] * K + cols[:, b]])
-            if best is None or err < best[0]:
-                best = (err, (a, b), table)
-    assert tuple(trained.pairs_[0]) == best[1]
-    # float64 means in another summation order, stored in float32
-    np.testing.assert_allclose(trained.tables_[0], best[2], rtol=1e-5, atol=1e-6)
-    assert trained.train_mse_[0] == pytest.approx(best[0], rel=1e-5)
-
-
-def _reference_greedy(cols, t, J, n_eval):
-    """The spec's greedy rounds on whole float64 arrays with plain loops over cells: slow, obvious."""
-    t, pairs, tables, mses = t.copy(), [], [], []
-    for _ in range(J):
-        best = None
-        for a in range(cols.shape[1]):
-            for b in range(a + 1, cols.shape[1]):
-                code = cols[:, a] * K + cols[:, b]
-                table = np.zeros((K * K, D))
-                for cell in np.unique(code):
-                    table[cell] = t[code == cell].mean(0)
-                table = table.astype(np.float32)          # the decoder stores and decodes float32
-                err = mse(t[:n_eval], table[code[:n_eval]])
-                if best is None or err < best[0]:
-                    best = (err, (a, b), table)
-        err, (a, b), table = best
-        t -= table[cols[:, a] * K + cols[:, b]]
-        pairs.append((a, b)), tables.append(table), mses.append(err)
-    return np.array(pairs), np.stack(tables), mses
+    pairs, tables, mses, lams = _reference_greedy(cols, t, 1, _hold(len(codes)), trained.shrinkage, trained.min_gain)
+    assert tuple(trained.pairs_[0]) == tuple(pairs[0]) and trained.shrinkage_[0] == lams[0]
+    # float64 sums in another summation order, stored in float32
+    np.testing.assert_allclose(trained.tables_[0], tables[0], rtol=1e-5, atol=1e-6)
+    assert trained.holdout_mse_[0] == pytest.approx(mses[0], rel=1e-5)
 
 
 def test_all_rounds_match_whole_array_reference(pair_data):
     codes, x, centroids = pair_data
-    # eval_rows < N and not a multiple of chunk_rows: choices are scored on a window ending mid-chunk
-    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, eval_rows=1000).train(codes, x, centroids, progress=False,
-                                                                           chunk_rows=128)
+    # 700 held-out rows with 128-row chunks: the held-out window ends mid-chunk
+    shrinkage = (0.0, 1.0, 3.0, 30.0)
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, holdout_rows=700, shrinkage=shrinkage).train(
+        codes, x, centroids, progress=False, chunk_rows=128)
     cols = np.concatenate([codes[:, 1:], dec.ivf_subcodes_[codes[:, 0]]], 1).astype(np.int64)
-    pairs, tables, mses = _reference_greedy(cols, (x - centroids[codes[:, 0]]).astype(np.float64), 2 * M, 1000)
+    pairs, tables, mses, lams = _reference_greedy(cols, (x - centroids[codes[:, 0]]).astype(np.float64), 2 * M,
+                                                  700, shrinkage, dec.min_gain)
     np.testing.assert_array_equal(dec.pairs_, pairs)
-    # float64 means in another summation order, stored in float32 (at most an ulp apart)
+    assert dec.shrinkage_ == lams and len(lams) >= 2
+    # float64 sums in another order, stored in float32 (at most an ulp apart)
     np.testing.assert_allclose(dec.tables_, tables, rtol=1e-5, atol=1e-6)
-    # ulp-level table differences carry into the later residuals: 1e-8 relative seen
-    np.testing.assert_allclose(dec.train_mse_, mses, rtol=1e-6)
+    # ulp-level table differences carry into the later residuals
+    np.testing.assert_allclose(dec.holdout_mse_, mses, rtol=1e-6)
+
+
+def _noisy_pairs(rng, N, noise):
+    """Codes whose residual is a weak pair function plus strong noise: few rows per cell."""
+    codes = np.empty((N, 1 + M), dtype=np.int32)
+    codes[:, 0], codes[:, 1:] = 0, rng.integers(0, K, size=(N, M))
+    f = np.random.default_rng(7).normal(size=(K * K, D))
+    t = f[codes[:, 1] * K + codes[:, 2]] + noise * rng.normal(size=(N, D))
+    return codes, t.astype(np.float32)
+
+
+def test_shrinkage_and_held_out_choice_beat_plain_means_on_fresh_data():
+    """About 4 fitting rows per cell and noise 3x the signal: plain means decode their own rows
+    well and fresh rows worse than no table; shrunk tables chosen on held-out rows do not."""
+    rng = np.random.default_rng(5)
+    (codes, x), (fresh_codes, fresh_x) = _noisy_pairs(rng, 1400, 3.0), _noisy_pairs(rng, 4000, 3.0)
+    centroids = np.zeros((1, D), dtype=np.float32)
+    plain = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0,), min_gain=-1.0)
+    with pytest.raises(ConfigError, match="min_gain"):
+        plain.train(codes, x, centroids, progress=False)
+    plain.min_gain = 0.0
+    shrunk = PairwiseDecoder(K=K, ivf_subcode_levels=0).train(codes, x, centroids, progress=False)
+    nothing = mse(fresh_x, 0 * fresh_x)
+    assert min(shrunk.shrinkage_) > 0
+    assert shrunk.decode_mse(fresh_codes, fresh_x) < 0.99 * nothing
+    # the in-sample rule of version 1 (every table, lam = 0, chosen on fitted rows): worse than nothing
+    fit_all = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0,), holdout_rows=1)
+    fit_all.train(codes, x, centroids, progress=False)
+    assert fit_all.decode_mse(fresh_codes, fresh_x) > nothing
+
+
+def test_no_table_is_kept_when_none_helps():
+    rng = np.random.default_rng(6)
+    codes = np.zeros((2000, 1 + M), dtype=np.int32)
+    codes[:, 1:] = rng.integers(0, K, size=(2000, M))
+    x = rng.normal(size=(2000, D)).astype(np.float32)          # independent of the codes
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0, 1.0)).train(
+        codes, x, np.zeros((1, D), np.float32), progress=False)
+    assert dec.pairs_.shape == (0, 2) and dec.tables_.shape == (0, K * K, D) and dec.holdout_mse_ == []
+    np.testing.assert_array_equal(dec.decode(codes[:5]), np.zeros((5, D), np.float32))
 
 
 def test_chunk_and_group_sizes_do_not_change_the_result(pair_data):
@@ -129,11 +178,11 @@ def test_chunk_and_group_sizes_do_not_change_the_result(pair_data):
     whole = PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x, centroids, progress=False)
     # 7-row chunks (the last one short) and 3 of the 10 candidate tables per pass over the rows
     small = PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x, centroids, progress=False, chunk_rows=7,
-                                                             accumulator_bytes=3 * K * K * (D + 1) * 8)
+                                                             accumulator_bytes=3 * K * K * (2 * D + 2) * 8)
     np.testing.assert_array_equal(small.pairs_, whole.pairs_)
     # the same float64 sums, added in the same row order: equal up to an ulp of float32
     np.testing.assert_allclose(small.tables_, whole.tables_, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(small.train_mse_, whole.train_mse_, rtol=1e-12)
+    np.testing.assert_allclose(small.holdout_mse_, whole.holdout_mse_, rtol=1e-12)
     assert small.additive_baseline_mse(codes, x, chunk_rows=7) == pytest.approx(
         whole.additive_baseline_mse(codes, x), rel=1e-12)
     assert whole.decode_mse(codes, x, chunk_rows=7) == pytest.approx(mse(x, whole.decode(codes)), rel=1e-12)
@@ -162,9 +211,9 @@ class RowSlices:
 def test_training_and_measuring_read_row_chunks_only(trained, pair_data):
     codes, x, centroids = pair_data
     codes_r, x_r, chunk = RowSlices(codes), RowSlices(x), 256
-    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, eval_rows=1000).train(codes_r, x_r, centroids,
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, holdout_rows=1000).train(codes_r, x_r, centroids,
                                                                            progress=False, chunk_rows=chunk)
-    ref = PairwiseDecoder(K=K, ivf_subcode_levels=2, eval_rows=1000).train(codes, x, centroids, progress=False)
+    ref = PairwiseDecoder(K=K, ivf_subcode_levels=2, holdout_rows=1000).train(codes, x, centroids, progress=False)
     np.testing.assert_array_equal(dec.pairs_, ref.pairs_)
     np.testing.assert_array_equal(dec.tables_, ref.tables_)
     assert dec.additive_baseline_mse(codes_r, x_r, chunk_rows=chunk) == pytest.approx(
@@ -185,7 +234,7 @@ def test_training_memory_is_one_chunk_not_the_training_set(tmp_path):
     x[:] = rng.normal(size=(N, 16))
     centroids = rng.normal(size=(C, 16)).astype(np.float32)
     codes, x = np.load(tmp_path / "codes.npy", mmap_mode="r"), np.load(tmp_path / "x.npy", mmap_mode="r")
-    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, n_pairs_per_step=1, eval_rows=1000)
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, n_pairs_per_step=1, holdout_rows=1000)
     tracemalloc.start()
     try:
         dec.train(codes, x, centroids, progress=False, chunk_rows=chunk)
@@ -196,27 +245,31 @@ def test_training_memory_is_one_chunk_not_the_training_set(tmp_path):
         tracemalloc.stop()
     # a float64 copy of x is N*16*8 = 7.7 MB (the whole-array code held two, ~18 MB in all); a
     # chunk's arrays are ~chunk*(16 + 5)*8 bytes each (0.7 MB peak seen), and the additive
-    # baseline's fit on eval_rows rows ~1000*(2*(16 + 5) + 25)*8 bytes (0.6 MB)
+    # baseline's fit on holdout_rows rows ~1000*(2*(16 + 5) + 25)*8 bytes (0.6 MB)
     assert peak < N * 16 * 8 / 4
 
 
 def test_pairwise_beats_additive_on_pair_structured_data(trained, pair_data):
     codes, x, _ = pair_data
-    pairwise = mse(x, trained.decode(codes))
+    h = trained.n_holdout(len(codes))
+    pairwise = mse(x[:h], trained.decode(codes[:h]))
     additive = trained.additive_baseline_mse(codes, x)
     # the targets are sums of pair functions: additive tables cannot represent them
     assert pairwise < 0.5 * additive
-    # the baseline sees the sub-code columns too, so it is no worse than AQ on the step codes
+    # the baseline (fitted on the fitting rows, measured on the held-out ones) is a plain fit of
+    # AQ tables on the step codes and the sub-codes
     t = x - pair_data[2][codes[:, 0]]
-    steps_only = mse(t, additive_decode(codes[:, 1:], fit_additive_codebooks(codes[:, 1:], t, K)))
-    assert additive <= steps_only * (1 + 1e-6)
+    cols = np.concatenate([codes[:, 1:], trained.ivf_subcodes_[codes[:, 0]]], 1)
+    both = mse(t[:h], additive_decode(cols[:h], fit_additive_codebooks(cols[h:], t[h:], K)))
+    assert additive == pytest.approx(both, rel=1e-6)
 
 
 def test_save_load_round_trip(trained, pair_data, tmp_path):
     codes = pair_data[0][:200]
     trained.save(tmp_path / "pw.pt")
     loaded = PairwiseDecoder.load(tmp_path / "pw.pt")
-    assert loaded.get_params() == trained.get_params() and loaded.train_mse_ == trained.train_mse_
+    assert loaded.get_params() == trained.get_params() and loaded.holdout_mse_ == trained.holdout_mse_
+    assert loaded.shrinkage_ == trained.shrinkage_
     np.testing.assert_array_equal(loaded.decode(codes), trained.decode(codes))
     assert not list(tmp_path.glob(".*.tmp"))          # atomic write left no temp file
 
@@ -266,3 +319,17 @@ def test_weighted_kmeans_follows_the_weights():
     w[5:] = 0                                           # only 5 lists hold vectors
     sub = ivf_subcodes(pts.astype(np.float32), w, levels=2, K=8, seed=0)
     assert sub.shape == (30, 2) and sub.max() < 5        # min(K, #weighted lists) centroids
+
+
+def test_version_1_files_still_load(trained, pair_data, tmp_path):
+    """Files of the in-sample version (``eval_rows``, ``train_mse_``, no shrinkage) decode as before."""
+    trained.save(tmp_path / "v2.pt")
+    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+    params = {k: v for k, v in payload["params"].items() if k not in ("holdout_rows", "shrinkage", "min_gain")}
+    state = {k: v for k, v in payload["state"].items() if k not in ("holdout_mse_", "shrinkage_")}
+    atomic_torch_save({**payload, "version": 1, "params": {**params, "eval_rows": 1000},
+                       "state": {**state, "train_mse_": [0.5] * len(trained.pairs_)}}, tmp_path / "v1.pt")
+    old = PairwiseDecoder.load(tmp_path / "v1.pt")
+    assert old.holdout_rows == 1000 and old.holdout_mse_ == [0.5] * len(trained.pairs_)
+    assert old.shrinkage_ == [0.0] * len(trained.pairs_)
+    np.testing.assert_array_equal(old.decode(pair_data[0][:50]), trained.decode(pair_data[0][:50]))

@@ -66,8 +66,10 @@ def task_train_pairwise_decoder(args: CliArgs, given: set[str], device: str) -> 
     r = train_pairwise_decoder(centroids, encoded, x_train, x_val, output,
                                n_pairs_per_step=args.n_pairs_per_step, mse_scale=ds.mse_scale,
                                seed=args.seed, progress=args.progress)
-    print_table([["pairwise additive", r["mse"]], ["plain additive (AQ)", r["additive_mse"]]],
-                [f"decoder ({r['n_train']} training codes)", f"MSE (mse_scale={ds.mse_scale:g})"])
+    print_table([["pairwise additive", r["mse"]], ["plain additive (AQ)", r["additive_mse"]],
+                 ["IVF centroids only", r["centroids_mse"]]],
+                [f"decoder ({r['n_train']} training codes)",
+                 f"MSE on {r['n_holdout']} held-out rows (mse_scale={ds.mse_scale:g})"])
     print(f"wrote the pairwise decoder ({r['n_tables']} tables) to {output}")
     return {"task": "train_pairwise_decoder", "dataset": ds.name, **r}
 

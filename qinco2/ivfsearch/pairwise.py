@@ -3,8 +3,10 @@
 A vector with codes ``(i0, i1..iM)`` (IVF list, then M step codes) is decoded as
 ``c_ivf[i0] + sum_j P_j[k_{a_j} * K + k_{b_j}]`` where the columns ``k`` are the M step codes
 followed by ``levels`` sub-codes of the IVF centroid (a residual k-means of the centroids), and
-each table ``P_j`` holds ``K*K`` vectors. Training fits the tables greedily, one closed-form
-least-squares table per round, on raw-space residuals ``x - c_ivf[i0]``. Codes and vectors are
+each table ``P_j`` holds ``K*K`` vectors. Training fits the tables greedily, one table of
+shrunk per-cell means per round, on raw-space residuals ``x - c_ivf[i0]``; the pair and the
+shrinkage of each round are chosen on held-out rows, and rounds stop when no table helps them
+(:mod:`qinco2.ivfsearch.pair_tables`). Codes and vectors are
 only read in row chunks (memory maps larger than RAM work); the residual after the tables chosen
 so far is recomputed chunk by chunk instead of being stored.
 """
@@ -22,15 +24,15 @@ from ..checkpoint import atomic_torch_save, load_tagged
 from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..kmeans import kmeans
 from ..metrics import mse
-from ..progress import progress_bar
 from ..validation import check_codes, check_finite, check_vectors
 from .aq import additive_decode, fit_additive_codebooks
+from .pair_tables import DEFAULT_MIN_GAIN, DEFAULT_SHRINKAGE, greedy_pair_tables
 
 log = logging.getLogger(__name__)
 
 FORMAT_TAG = "qinco2-pairwise"
-FORMAT_VERSION = 1
-_STATE = ("M_", "ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_", "train_mse_")
+FORMAT_VERSION = 2                # 2: held-out choices and shrinkage (1: in-sample means)
+_STATE = ("M_", "ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_", "holdout_mse_", "shrinkage_")
 DEFAULT_CHUNK_ROWS = 65_536        # training / measuring rows read at a time
 DEFAULT_ACCUMULATOR_BYTES = 1 << 30  # float64 per-cell sums of candidate tables held at a time
 
@@ -81,76 +83,6 @@ def _columns_and_targets(codes, x, centroids_CD, subcodes_CL, lo: int, hi: int):
     return cols, np.asarray(x[lo:hi], dtype=np.float64) - centroids_CD[c[:, 0]]
 
 
-def _residual_chunks(rows, stop: int, chunk_rows: int, done, K: int):
-    """``(cols, t)`` torch chunks of rows ``[0, stop)`` from ``rows(lo, hi)``, ``t`` minus the
-    fitted ``done = (pairs, float32 tables)``, subtracted in order (recomputed, never stored)."""
-    for lo in range(0, stop, chunk_rows):
-        cols_nL, t_nD = rows(lo, min(lo + chunk_rows, stop))
-        cols, t = torch.from_numpy(cols_nL), torch.from_numpy(t_nD)
-        for (a, b), table in zip(*done):
-            t -= table[cols[:, a] * K + cols[:, b]].double()
-        yield cols, t
-
-
-def _fit_and_score(rows, n: int, n_eval: int, group: list, done, K: int, D: int, chunk_rows: int):
-    """For every column pair of ``group``: the table of means (float32; float64 sums, empty cells
-    0) of the residual after ``done``, fitted on all ``n`` rows, and its MSE on the first
-    ``n_eval`` rows. Returns (tables, MSEs, MSE of the residual itself on those rows)."""
-    sums = [torch.zeros((K * K, D), dtype=torch.float64) for _ in group]
-    counts = [torch.zeros(K * K, dtype=torch.int64) for _ in group]
-    for cols, t in _residual_chunks(rows, n, chunk_rows, done, K):
-        for (a, b), s, c in zip(group, sums, counts):
-            code = cols[:, a] * K + cols[:, b]
-            s.index_add_(0, code, t)
-            c += torch.bincount(code, minlength=K * K)
-    tables = []
-    for i, c in enumerate(counts):                    # free each float64 sum once its table is made
-        tables.append((sums[i] / c.clamp_(min=1)[:, None]).float())
-        sums[i] = None
-    errs, before = [0.0] * len(group), 0.0
-    for cols, t in _residual_chunks(rows, n_eval, chunk_rows, done, K):
-        before += float((t * t).sum())
-        for i, ((a, b), table) in enumerate(zip(group, tables)):
-            err = t - table[cols[:, a] * K + cols[:, b]].double()
-            errs[i] += float((err * err).sum())
-    return tables, [e / n_eval for e in errs], before / n_eval
-
-
-def greedy_pair_tables(rows, n: int, L: int, D: int, K: int, J: int, eval_rows: int, *,
-                       chunk_rows: int = DEFAULT_CHUNK_ROWS, group_size: int | None = None,
-                       progress: bool = True):
-    """``J`` greedy rounds: every column pair's table of means, keep the one with the lowest MSE
-    on the first ``eval_rows`` rows, subtract it from all rows. Returns (pairs, tables, mses).
-
-    ``rows(lo, hi)`` hands out rows ``lo:hi`` of the ``n`` training rows as (code columns
-    ``(hi-lo, L)`` int64, residual targets ``(hi-lo, D)`` float64, a fresh array); it is called
-    with at most ``chunk_rows`` rows. The residual after the tables chosen so far is recomputed
-    chunk by chunk, never stored, so memory is one chunk, ``group_size`` (default: all) candidate
-    tables of float64 sums at a time (one pass over the rows per group), and the ``J`` tables.
-    """
-    n_eval = min(eval_rows, n)
-    candidates = [(a, b) for a in range(L) for b in range(a + 1, L)]
-    group_size = group_size or len(candidates)
-    out = np.zeros((J, K * K, D), dtype=np.float32)
-    pairs, tables, mses = [], [], []
-    for j in progress_bar(range(J), desc="pairwise tables", disable=not progress, leave=False):
-        best = None
-        for g in range(0, len(candidates), group_size):
-            group = candidates[g:g + group_size]
-            fitted, errs, before = _fit_and_score(rows, n, n_eval, group, (pairs, tables), K, D, chunk_rows)
-            for (a, b), table, err_mse in zip(group, fitted, errs):
-                if best is None or err_mse < best[0]:
-                    best = (err_mse, a, b, table)
-            del fitted
-        err_mse, a, b, table = best
-        out[j] = table.numpy()
-        pairs.append((a, b))
-        tables.append(torch.from_numpy(out[j]))
-        mses.append(err_mse)
-        log.info("pairwise round %d/%d: columns (%d, %d), MSE %.6g -> %.6g", j + 1, J, a, b, before, err_mse)
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2), out, mses
-
-
 def _check_x(x, D: int, n: int, dim_owner: str, chunk_rows: int, finite: bool = True) -> None:
     """Vectors ``(n, D)`` (a numpy array, memory-mapped or not, or an object with ``len``,
     ``.shape`` and row slices), checked for NaN/Inf ``chunk_rows`` rows at a time if ``finite``."""
@@ -167,6 +99,16 @@ def _check_chunking(**sizes) -> None:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _upgrade_version_1(params: dict, state: dict) -> None:
+    """Version-1 files (tables of plain means chosen on fitted rows) in version-2 names: their
+    per-round MSEs were measured on fitted rows, their shrinkage is 0."""
+    if "eval_rows" in params:
+        params["holdout_rows"] = params.pop("eval_rows")
+    if "train_mse_" in state:
+        state["holdout_mse_"] = state.pop("train_mse_")
+        state["shrinkage_"] = [0.0] * len(state["holdout_mse_"])
+
+
 class PairwiseDecoder:
     """Look-up-only decoder of IVF codes ``(N, 1+M)`` into raw-space vectors.
 
@@ -175,24 +117,39 @@ class PairwiseDecoder:
 
     Learned state: ``M_`` (step codes per vector), ``ivf_centroids_`` (C, D) float32,
     ``ivf_subcodes_`` (C, levels) int32, ``pairs_`` (J, 2) column pairs (columns: the M step
-    codes, then the sub-codes), ``tables_`` (J, K*K, D) float32, ``train_mse_`` (MSE per round
-    on the first ``eval_rows`` training rows).
+    codes, then the sub-codes), ``tables_`` (J, K*K, D) float32, ``holdout_mse_`` (held-out
+    MSE after each table), ``shrinkage_`` (each table's ``lam``). ``J`` is at most
+    ``round(n_pairs_per_step * M)``: rounds stop when no table helps the held-out rows.
+
+    Training holds out the first ``min(holdout_rows, N // 4)`` rows: tables are fitted on the
+    others, and each round's pair and shrinkage (cell value ``sum / (count + lam)``, ``lam`` from
+    ``shrinkage``) are the ones with the lowest MSE on the held-out rows
+    (:mod:`qinco2.ivfsearch.pair_tables`).
     """
 
     def __init__(self, n_pairs_per_step: float = 2, ivf_subcode_levels: int = 5, K: int = 256,
-                 seed: int = 0, eval_rows: int = 100_000):
+                 seed: int = 0, holdout_rows: int = 100_000, shrinkage=DEFAULT_SHRINKAGE,
+                 min_gain: float = DEFAULT_MIN_GAIN):
         self.n_pairs_per_step = n_pairs_per_step
         self.ivf_subcode_levels = ivf_subcode_levels
         self.K = K
         self.seed = seed
-        self.eval_rows = eval_rows
+        self.holdout_rows = holdout_rows
+        self.shrinkage = tuple(shrinkage)
+        self.min_gain = min_gain
         for name in _STATE:
             setattr(self, name, None)
 
     def get_params(self) -> dict:
         """The constructor's parameters (stored in decoder files)."""
         return {"n_pairs_per_step": self.n_pairs_per_step, "ivf_subcode_levels": self.ivf_subcode_levels,
-                "K": self.K, "seed": self.seed, "eval_rows": self.eval_rows}
+                "K": self.K, "seed": self.seed, "holdout_rows": self.holdout_rows,
+                "shrinkage": [float(v) for v in self.shrinkage], "min_gain": self.min_gain}
+
+    def n_holdout(self, N: int) -> int:
+        """Rows held out of fitting when training on ``N`` rows: the first ``min(holdout_rows, N // 4)``
+        (at least 1)."""
+        return max(1, min(self.holdout_rows, N // 4))
 
     # ------------------------------------------------------------------ checks
     def _check_params(self, M: int) -> int:
@@ -200,8 +157,12 @@ class PairwiseDecoder:
             raise ConfigError(f"K must be an integer >= 2, got {self.K!r}")
         if not (isinstance(self.ivf_subcode_levels, int) and self.ivf_subcode_levels >= 0):
             raise ConfigError(f"ivf_subcode_levels must be an integer >= 0, got {self.ivf_subcode_levels!r}")
-        if not (isinstance(self.eval_rows, int) and self.eval_rows >= 1):
-            raise ConfigError(f"eval_rows must be an integer >= 1, got {self.eval_rows!r}")
+        if not (isinstance(self.holdout_rows, int) and self.holdout_rows >= 1):
+            raise ConfigError(f"holdout_rows must be an integer >= 1, got {self.holdout_rows!r}")
+        if not self.shrinkage or not all(isinstance(v, (int, float)) and v >= 0 for v in self.shrinkage):
+            raise ConfigError(f"shrinkage must be a non-empty list of numbers >= 0, got {self.shrinkage!r}")
+        if not (isinstance(self.min_gain, (int, float)) and 0 <= self.min_gain < 1):
+            raise ConfigError(f"min_gain must be a number in [0, 1), got {self.min_gain!r}")
         J = round(self.n_pairs_per_step * M)
         if J < 1:
             raise ConfigError(f"n_pairs_per_step={self.n_pairs_per_step} with M={M} gives no pair table; use > 0.5/M")
@@ -253,17 +214,18 @@ class PairwiseDecoder:
         Both are read ``chunk_rows`` rows at a time (slices ``[lo:hi]`` only, so memory maps
         larger than RAM work): memory is one chunk, about ``accumulator_bytes`` of float64
         per-cell sums of candidate tables, and the tables. Each round makes one pass over all
-        rows per group of candidate pairs whose sums fit in ``accumulator_bytes`` (at least one
-        pair per group), then one over the first ``eval_rows`` rows; the result does not depend
-        on either size (up to float rounding).
+        rows per group of candidate pairs whose fitting and held-out sums fit in
+        ``accumulator_bytes`` (at least one pair per group); the result does not depend on either
+        size (up to float rounding). Needs at least 2 rows (one held out).
         """
         centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
         _check_chunking(chunk_rows=chunk_rows, accumulator_bytes=accumulator_bytes)
         N, M = self._check_codes(codes)
         D = centroids.shape[1]
         _check_x(x_ND, D, N, f"ivf_centroids have D={D}", chunk_rows)
-        if N == 0:
-            raise InputError("codes and x are empty; training needs at least one vector")
+        if N < 2:
+            raise InputError(f"codes and x have {N} rows; training needs at least 2 (one is held out to choose "
+                             "the tables), and far more to be useful (tables have K*K cells)")
         J = self._check_params(M)
         weights = self._list_sizes(codes, len(centroids), chunk_rows)
         self.M_ = M
@@ -271,35 +233,40 @@ class PairwiseDecoder:
         self.ivf_subcodes_ = ivf_subcodes(self.ivf_centroids_, weights, self.ivf_subcode_levels,
                                           self.K, self.seed)
         L = M + self.ivf_subcode_levels
-        group_size = max(1, accumulator_bytes // (self.K ** 2 * (D + 1) * 8))
-        log.info("pairwise decoder: N=%d, M=%d, %d columns, J=%d tables of %d x %d, %d candidate tables per pass",
-                 N, M, L, J, self.K ** 2, D, group_size)
-        self.pairs_, self.tables_, self.train_mse_ = greedy_pair_tables(
-            self._rows(codes, x_ND), N, L, D, self.K, J, self.eval_rows, chunk_rows=chunk_rows,
-            group_size=group_size, progress=progress)
+        group_size = max(1, accumulator_bytes // (self.K ** 2 * (2 * D + 2) * 8))
+        n_hold = self.n_holdout(N)
+        log.info("pairwise decoder: N=%d (%d held out), M=%d, %d columns, J<=%d tables of %d x %d, "
+                 "%d candidate tables per pass", N, n_hold, M, L, J, self.K ** 2, D, group_size)
+        self.pairs_, self.tables_, self.holdout_mse_, self.shrinkage_ = greedy_pair_tables(
+            self._rows(codes, x_ND), N, L, D, self.K, J, n_hold, shrinkage=self.shrinkage,
+            min_gain=self.min_gain, chunk_rows=chunk_rows, group_size=group_size, progress=progress)
         return self
 
     def additive_baseline_mse(self, codes, x_ND, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
         """MSE of plain additive decoding (least-squares AQ tables, :mod:`qinco2.ivfsearch.aq`) fitted on
         the same code columns and targets as this decoder; it is a lower bound for AQ on the
-        step codes alone. Fitted on the first ``eval_rows`` rows (the rows the decoder's pairs are
-        chosen on; all rows when there are fewer), measured on all rows, ``chunk_rows`` at a time."""
+        step codes alone. Split as in training: fitted on up to ``holdout_rows`` of the fitting
+        rows, measured on the held-out rows (the first :meth:`n_holdout` rows), ``chunk_rows``
+        at a time, so it compares with ``holdout_mse_[-1]`` when given the training codes."""
         self._trained()
         _check_chunking(chunk_rows=chunk_rows)
         N, _ = self._check_codes(codes)
         D = self.ivf_centroids_.shape[1]
         _check_x(x_ND, D, N, f"the decoder was trained on D={D}", chunk_rows)
         self._list_sizes(codes, len(self.ivf_centroids_), chunk_rows)
-        rows, n_fit = self._rows(codes, x_ND), min(self.eval_rows, N)
-        fit = [rows(lo, min(lo + chunk_rows, n_fit)) for lo in range(0, n_fit, chunk_rows)]
+        if N < 2:
+            raise InputError(f"codes and x have {N} rows; the baseline needs at least 2 (one is held out)")
+        rows, n_hold = self._rows(codes, x_ND), self.n_holdout(N)
+        end = min(N, n_hold + self.holdout_rows)
+        fit = [rows(lo, min(lo + chunk_rows, end)) for lo in range(n_hold, end, chunk_rows)]
         tables = fit_additive_codebooks(np.concatenate([c for c, _ in fit]), np.concatenate([t for _, t in fit]),
                                         self.K)
         del fit
         total = 0.0
-        for lo in range(0, N, chunk_rows):
-            cols, t = rows(lo, min(lo + chunk_rows, N))
+        for lo in range(0, n_hold, chunk_rows):
+            cols, t = rows(lo, min(lo + chunk_rows, n_hold))
             total += mse(t, additive_decode(cols, tables)) * len(t)
-        return total / max(N, 1)
+        return total / n_hold
 
     # ------------------------------------------------------------------ decoding
     def decode(self, codes, *, batch_size: int = 65_536) -> np.ndarray:
@@ -335,7 +302,8 @@ class PairwiseDecoder:
     def save(self, path) -> None:
         """Write parameters and learned state atomically to ``path``."""
         self._trained()
-        state = {"M_": int(self.M_), "train_mse_": [float(v) for v in self.train_mse_]}
+        state = {"M_": int(self.M_), "holdout_mse_": [float(v) for v in self.holdout_mse_],
+                 "shrinkage_": [float(v) for v in self.shrinkage_]}
         for name in ("ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_"):
             state[name] = torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
         atomic_torch_save({"format": FORMAT_TAG, "version": FORMAT_VERSION,
@@ -344,9 +312,11 @@ class PairwiseDecoder:
     @classmethod
     def load(cls, path) -> PairwiseDecoder:
         """Read a file written by :meth:`save` (``weights_only`` loading, format checked)."""
-        payload = load_tagged(path, FORMAT_TAG, FORMAT_VERSION, "pairwise decoder",
+        payload = load_tagged(path, FORMAT_TAG, (1, FORMAT_VERSION), "pairwise decoder",
                               "train one with `qinco2 task=train_pairwise_decoder ... output=PATH`")
         state = payload.get("state")
+        if payload["version"] == 1 and isinstance(state, dict) and isinstance(payload.get("params"), dict):
+            _upgrade_version_1(payload["params"], state)
         if not isinstance(state, dict) or set(state) != set(_STATE) or not isinstance(payload.get("params"), dict):
             raise ModelFileError(f"{path} is a damaged pairwise decoder file (state keys {sorted(state or {})})")
         try:

@@ -19,6 +19,7 @@ from ..codec.codes_io import SIZE_KEYS, load_encoded
 from ..errors import ConfigError, DatasetError, InputError
 from ..formats import read_vectors
 from ..ivf import check_centroids
+from ..metrics import mse
 from ..rows import RowStack
 from .index import IVFQincoIndex
 from .multistage import load_runs, pareto_front, plot_pareto
@@ -75,23 +76,36 @@ def check_same_model(a: dict, a_path, b: dict, b_path) -> None:
                          "different models; encode the training set and the database with the same model")
 
 
+def centroids_only_mse(codes, x_ND, centroids_CD, chunk_rows: int = 65_536) -> float:
+    """MSE of decoding every row as its IVF centroid (codes column 0), ``chunk_rows`` rows at a time."""
+    total = 0.0
+    for lo in range(0, len(codes), chunk_rows):
+        x_nD = np.asarray(x_ND[lo:lo + chunk_rows], dtype=np.float32)
+        total += mse(x_nD, centroids_CD[np.asarray(codes[lo:lo + chunk_rows, 0])]) * len(x_nD)
+    return total / max(len(codes), 1)
+
+
 # ---------------------------------------------------------------------------- tasks
 def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, output, *,
                            n_pairs_per_step: float = 2, mse_scale: float = 1.0, seed: int = 0,
                            progress: bool = True) -> dict:
     """Train a :class:`~qinco2.ivfsearch.pairwise.PairwiseDecoder` on the training codes and raw rows,
     save it to ``output``; returns its MSE and that of plain additive decoding of the same
-    codes (both on the training rows, times ``mse_scale``)."""
+    codes (both on the training rows held out of fitting, times ``mse_scale``), and the MSE of
+    the IVF centroids alone on those rows."""
     enc = load_encoded(encoded_trainset, require_ivf=True)
     centroids = load_ivf_centroids(ivf_centroids, enc, encoded_trainset)
     x_ND, codes = training_rows(x_train, x_val, enc, encoded_trainset), enc["codes"]
     dec = PairwiseDecoder(n_pairs_per_step=n_pairs_per_step, K=enc["K"], seed=seed)
     dec.train(codes, x_ND, centroids, progress=progress)
     dec.save(output)
-    return {"output": str(output), "n_train": len(codes), "M": enc["M"], "K": enc["K"],
+    n_hold = dec.n_holdout(len(codes))
+    centroid_mse = centroids_only_mse(codes[:n_hold], x_ND[:n_hold], centroids)
+    return {"output": str(output), "n_train": len(codes), "n_holdout": n_hold, "M": enc["M"], "K": enc["K"],
             "ivf_K": enc["ivf_K"], "n_tables": len(dec.pairs_), "model_sha": enc["model_sha"],
-            "mse_scale": mse_scale, "mse": dec.decode_mse(codes, x_ND) * mse_scale,
-            "additive_mse": dec.additive_baseline_mse(codes, x_ND) * mse_scale}
+            "mse_scale": mse_scale, "mse": (dec.holdout_mse_ or [centroid_mse])[-1] * mse_scale,
+            "additive_mse": dec.additive_baseline_mse(codes, x_ND) * mse_scale,
+            "centroids_mse": centroid_mse * mse_scale}
 
 
 def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val, output, *,
