@@ -6,6 +6,9 @@ vector. Each codec appends one JSON line (with machine, threads, versions and th
 to ``--out`` as soon as it is done, so an interrupted run keeps what it measured.
 
     python benchmarks/bench_codecs.py --bytes 8 --codecs pq opq rq1 rq32 lsq qinco2 qinco1
+
+``--device cuda`` trains, encodes and decodes the qinco2 codecs on the GPU (faiss codecs stay
+on the CPU); every line records the device (and the GPU's name).
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ def cpu_info() -> dict:
     return {"cpu_model": name, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device="cpu") -> dict:
+    device = torch.device(device)
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
     return {
         **cpu_info(),
         "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "threads": threads, "device": "cpu",
+        "cores": os.cpu_count(), "threads": threads, "device": str(device), **gpu,
         "python": platform.python_version(), "torch": torch.__version__,
         "faiss": faiss.__version__, "numpy": np.__version__,
         "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
@@ -94,7 +99,7 @@ def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, metric, n_train: int
 def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) -> dict:
     preset, overrides, eval_AB = QINCO_SETTINGS[name]
     overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60}
-    codec = QincoCodec.from_preset(preset, **overrides)
+    codec = QincoCodec.from_preset(preset, device=getattr(args, "device", "cpu"), **overrides)
     out = os.path.join(args.model_dir, f"{name}-{args.dataset}-{M}x8.pt")
     _, t_train = timed(lambda: codec.train(xt, xv, mse_scale=mse_scale, output=out, progress=False))
     A, B = args.eval_AB or eval_AB
@@ -103,10 +108,11 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) ->
     st = codec.train_state_
     usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
     arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
-    return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides, "eval_A": A, "eval_B": B,
-            "architecture": arch, "n_train": len(xt), "epochs_run": st.epoch, "best_epoch": st.best_epoch,
-            "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
-            "usage_per_step": [round(float(u), 3) for u in usage], "entropy_per_step": [round(float(e), 2) for e in entropy],
+    return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides,
+            "eval_A": A, "eval_B": B, "architecture": arch, "n_train": len(xt), "epochs_run": st.epoch,
+            "best_epoch": st.best_epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
+            "usage_per_step": [round(float(u), 3) for u in usage],
+            "entropy_per_step": [round(float(e), 2) for e in entropy],
             "train_s": t_train, "encode_us": 1e6 * t_enc / len(xb), "decode_us": 1e6 * t_dec / len(xb),
             "model_file": out, **quality(xb, xr, xq, gt, mse_scale, metric)}
 
@@ -136,9 +142,12 @@ def main() -> None:
                    help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first rows of the training split")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="device of the qinco2 codecs (faiss codecs stay on the CPU)")
     p.add_argument("--model-dir", default="runs/bench")
     p.add_argument("--out", default="benchmarks/results/codecs.jsonl")
     args = p.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     os.makedirs(args.model_dir, exist_ok=True)
@@ -148,7 +157,7 @@ def main() -> None:
     xt = np.ascontiguousarray(xt_raw, dtype=np.float32)
     xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
     xq, gt = ds.query_vectors(), ds.ground_truth()
-    env = environment(args.threads)
+    env_cpu, env_dev = environment(args.threads), environment(args.threads, device=args.device)
     for M in args.bytes:
         for name in args.codecs:
             if name in FAISS_FACTORIES:
@@ -156,6 +165,7 @@ def main() -> None:
                 row = run_faiss(name, M, xt, xb, xq, gt, ds.mse_scale, ds.metric, n_train)
             else:
                 row = run_qinco(name, M, xt_raw, xv_raw, xb, xq, gt, ds.mse_scale, ds.metric, args)
+            env = env_cpu if name in FAISS_FACTORIES else env_dev
             row = {"bench": "codecs", "dataset": args.dataset, "bytes": M, "mse_scale": ds.mse_scale, **row, **env}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
