@@ -3,12 +3,17 @@
 Stages (each cached under ``--work``, so a re-run continues where the last one stopped):
 IVF centroids -> IVF-QINCo2 training -> encoding of a training slice and of the database ->
 pairwise decoder -> IVF-AQ shortlist index -> parameter sweeps with and without the pairwise
-decoder. Then faiss ``IVF{C},PQ{M}x8``, ``IVF{C},RQ{M}x8_Nqint8`` and ``IVF{C},PQ{2M}x4fsr``
-are built with the same number of lists and searched over ``nprobe`` (no refinement), all
-with the same threads. Every operating point becomes one JSON line of ``--out``; the Pareto
-fronts are drawn together in ``--plot``.
+decoder. Training and encoding run on ``--device`` (logged in ``stages.json``); every search
+runs on the CPU. Then the faiss baselines of ``--baselines`` (default all, see
+``FAISS_FACTORIES``) are built with the same number of lists and searched over ``nprobe``,
+RaBitQ's query bits ``qb`` and the refinement's ``k_factor``, all with the same threads.
+Every operating point becomes one JSON line of ``--out`` with its true ``bytes_per_vector``
+(codes in the inverted lists plus the refinement codes; the IVF list id is counted on
+neither side); the Pareto fronts are drawn together in ``--plot``. ``--faiss-only`` runs
+the baselines alone.
 
     python benchmarks/bench_ivf_search.py --ivf-K 2048 --M 8 --qinco-minutes 35
+    python benchmarks/bench_ivf_search.py --faiss-only --baselines rabitq rabitq-sq8 pqfs-pq
 """
 
 from __future__ import annotations
@@ -37,8 +42,24 @@ log = logging.getLogger("bench_ivf_search")
 
 OUR_GRID = {"nprobe": [1, 2, 4, 8, 16, 32, 64], "quantizer_efSearch": [16, 32, 64, 128],
             "nshort": [1, 2, 5, 10, 20, 50, 100, 200], "nmid_short": [2, 4, 8, 16]}
-FAISS_FACTORIES = {"IVF{C},PQ{M}x8": "PQ8x8", "IVF{C},RQ{M}x8_Nqint8": "RQ8x8_Nqint8",
-                   "IVF{C},PQ{M2}x4fsr": "PQ16x4fsr"}
+# name -> faiss factory string. {C}: lists, {M}: --M, {M2}: 2M, {H}: M // 2, {RB}: RaBitQ bits per
+# dimension whose code size is closest to M bytes ("" for 1 bit: at D=128 the 1-bit code is
+# D/8 = 16 bytes + 8 bytes of per-vector factors, more than M = 8 or 16 bytes already).
+FAISS_FACTORIES = {
+    "pq": "IVF{C},PQ{M}x8",                                  # M bytes
+    "rq": "IVF{C},RQ{M}x8_Nqint8",                           # M + 1 bytes (8-bit norm)
+    "pqfs": "IVF{C},PQ{M2}x4fsr",                            # M bytes, fast-scan, no refinement
+    "rabitq": "IVF{C},RaBitQ{RB}",                           # D/8 + 8 bytes (1 bit)
+    "rabitqfs": "IVF{C},RaBitQfs{RB}",                       # the same codes, fast-scan
+    "rabitq-sq8": "IVF{C},RaBitQ{RB},Refine(SQ8)",           # + D bytes of 8-bit scalar codes
+    "rabitq-flat": "IVF{C},RaBitQ{RB},RFlat",                # + 4D bytes of raw floats
+    "pqfs-pq": "IVF{C},PQ{M}x4fsr,Refine(PQ{H}x8)",          # M/2 + M/2 = M bytes in all
+    "pqfs-sq8": "IVF{C},PQ{M2}x4fsr,Refine(SQ8)",            # M + D bytes
+    "pqfs-flat": "IVF{C},PQ{M2}x4fsr,RFlat",                 # M + 4D bytes
+}
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RABITQ_QB = (4, 8)          # query bits; qb=0 (float queries) is ~40x slower on IndexIVFRaBitQ
+K_FACTORS = (1, 2, 4, 8)    # refinement: k_factor * 100 candidates re-ranked
 
 
 def timed(fn, *args, **kwargs):
@@ -57,6 +78,40 @@ def save_stage_log(path: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def train_stage(args, ds, xt_raw, xv_raw, centroids, info: dict, info_path: Path) -> QincoCodec:
+    """The IVF-QINCo2 model (trained on ``args.device`` unless cached), loaded on ``args.device``."""
+    model_path = Path(args.work) / "model.pt"
+    if "train_s" not in info:
+        preset, overrides, _ = QINCO_SETTINGS["qinco2"]
+        overrides = {**overrides, **{k: v for k, v in (("batch", args.batch), ("lr", args.lr)) if v is not None}}
+        codec = QincoCodec.from_preset(preset, device=args.device,
+                                       **{**overrides, "M": args.M, "max_time_s": args.qinco_minutes * 60})
+        _, info["train_s"] = timed(codec.train, xt_raw, xv_raw, mse_scale=ds.mse_scale, output=model_path,
+                                   resume=True, ivf_centroids=centroids, progress=False)
+        st = codec.train_state_
+        info.update(epochs_run=st.epoch, val_mse_init=st.init_mse, val_mse_best=st.best_mse,
+                    preset=preset, overrides={**overrides, "M": args.M}, train_device=args.device)
+        save_stage_log(info_path, info)
+    return QincoCodec.load(model_path, device=args.device)     # encode_to_file encodes on codec.device
+
+
+def encode_stage(args, codec: QincoCodec, xt_raw, xb, info: dict, info_path: Path):
+    """Codes of the first ``--n-encode-train`` training rows (all of them for 0 or -1) and of
+    the database, encoded on the codec's device unless cached."""
+    work = Path(args.work)
+    A, B = args.eval_AB
+    n_train = None if args.n_encode_train <= 0 else args.n_encode_train
+    for name, x in (("train", xt_raw[:n_train]), ("db", xb)):
+        path = work / f"codes_{name}.npy"
+        if not path.is_file():
+            _, info[f"encode_{name}_s"] = timed(encode_to_file, codec, x, path, A=A, B=B, batch=4096)
+            info[f"encode_{name}_us"] = 1e6 * info[f"encode_{name}_s"] / len(x)
+            info[f"encode_{name}_device"] = str(codec.device)
+            save_stage_log(info_path, info)
+    return (load_encoded(work / "codes_train.npy", require_ivf=True)["codes"],
+            load_encoded(work / "codes_db.npy", require_ivf=True)["codes"])
+
+
 def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
     """The cached pipeline files under ``args.work``; returns the stage timings and figures."""
     work = Path(args.work)
@@ -71,27 +126,10 @@ def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
         save_stage_log(info_path, info)
     centroids = np.load(centroids_path)
 
-    model_path = work / "model.pt"
-    if "train_s" not in info:
-        preset, overrides, _ = QINCO_SETTINGS["qinco2"]
-        codec = QincoCodec.from_preset(preset, **{**overrides, "M": args.M, "max_time_s": args.qinco_minutes * 60})
-        _, info["train_s"] = timed(codec.train, xt_raw, xv_raw, mse_scale=ds.mse_scale, output=model_path,
-                                   resume=True, ivf_centroids=centroids, progress=False)
-        st = codec.train_state_
-        info.update(epochs_run=st.epoch, val_mse_init=st.init_mse, val_mse_best=st.best_mse,
-                    preset=preset, overrides={**overrides, "M": args.M})
-        save_stage_log(info_path, info)
-    codec = QincoCodec.load(model_path)
-
-    A, B = args.eval_AB
-    for name, x in (("train", xt_raw[:args.n_encode_train]), ("db", xb)):
-        path = work / f"codes_{name}.npy"
-        if not path.is_file():
-            _, info[f"encode_{name}_s"] = timed(encode_to_file, codec, x, path, A=A, B=B, batch=4096)
-            info[f"encode_{name}_us"] = 1e6 * info[f"encode_{name}_s"] / len(x)
-            save_stage_log(info_path, info)
-    train_codes = load_encoded(work / "codes_train.npy", require_ivf=True)["codes"]
-    db_codes = load_encoded(work / "codes_db.npy", require_ivf=True)["codes"]
+    codec = train_stage(args, ds, xt_raw, xv_raw, centroids, info, info_path)
+    train_codes, db_codes = encode_stage(args, codec, xt_raw, xb, info, info_path)
+    if args.stop_after == "encode":
+        return info
     x_enc = np.asarray(xt_raw[:len(train_codes)], dtype=np.float32)
 
     if "exhaustive" not in info:         # the codec alone: exact search over the decoded database
@@ -104,8 +142,12 @@ def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
     if not pairwise_path.is_file():
         dec = PairwiseDecoder(n_pairs_per_step=args.n_pairs_per_step, K=codec.model_config.K)
         _, info["pairwise_train_s"] = timed(dec.train, train_codes, x_enc, centroids, progress=False)
-        info["pairwise_mse_train"] = mse(x_enc, dec.decode(train_codes), ds.mse_scale)
-        info["additive_mse_train"] = dec.additive_baseline_mse(train_codes, x_enc) * ds.mse_scale
+        n_hold = dec.n_holdout(len(train_codes))
+        info.update(pairwise_n_train=len(train_codes), pairwise_n_holdout=n_hold, pairwise_tables=len(dec.pairs_),
+                    pairwise_shrinkage=[float(v) for v in dec.shrinkage_])
+        info["pairwise_mse_holdout"] = mse(x_enc[:n_hold], dec.decode(train_codes[:n_hold]), ds.mse_scale)
+        info["additive_mse_holdout"] = dec.additive_baseline_mse(train_codes, x_enc) * ds.mse_scale
+        info["centroids_mse_db"] = mse(xb, centroids[db_codes[:, 0]], ds.mse_scale)
         info["pairwise_mse_db"] = mse(xb, dec.decode(db_codes), ds.mse_scale)
         dec.save(pairwise_path)
         save_stage_log(info_path, info)
@@ -134,82 +176,164 @@ def run_ours(args, work: Path, xq, gt) -> dict[str, list[dict]]:
     return out
 
 
-def run_faiss(factory: str, args, xt, xb, xq, gt) -> tuple[list[dict], dict]:
+def rabitq_bits(d: int, M: int) -> str:
+    """The RaBitQ bits per dimension (1..9) whose code size at dimension ``d`` is closest to
+    ``M`` bytes, as the factory string writes them ("" for 1 bit)."""
+    sizes = {nb: faiss.RaBitQuantizer(d, faiss.METRIC_L2, nb).code_size for nb in range(1, 10)}
+    nb = min(sizes, key=lambda b: (abs(sizes[b] - M), b))
+    return "" if nb == 1 else str(nb)
+
+
+def faiss_bytes(index) -> dict:
+    """Bytes per vector of a faiss IVF index: its codes (``code_size``, the IVF list id not
+    counted), the refinement stage's codes, their sum, and what the inverted lists hold on
+    average (fast-scan lists are padded to blocks of 32 codes)."""
+    ivf = faiss.extract_index_ivf(index)
+    refine = index.refine_index.sa_code_size() if isinstance(index, faiss.IndexRefine) else 0
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    if hasattr(invlists, "n_per_block"):
+        stored = sum(-(-invlists.list_size(i) // invlists.n_per_block) * invlists.block_size
+                     for i in range(ivf.nlist))
+    else:
+        stored = ivf.ntotal * ivf.code_size
+    return {"code_bytes": ivf.code_size, "refine_bytes": refine, "bytes_per_vector": ivf.code_size + refine,
+            "stored_bytes_per_vector": stored / max(ivf.ntotal, 1) + refine}
+
+
+def faiss_grid(index, C: int) -> list[dict]:
+    """The search settings: ``nprobe``, times RaBitQ's ``qb``, times the refinement's ``k_factor``."""
+    grid = [{"nprobe": p} for p in NPROBES if p <= C]
+    if hasattr(faiss.downcast_index(faiss.extract_index_ivf(index)), "rabitq"):
+        grid = [{**g, "qb": qb} for g in grid for qb in RABITQ_QB]
+    if isinstance(index, faiss.IndexRefine):
+        grid = [{**g, "k_factor": kf} for g in grid for kf in K_FACTORS]
+    return grid
+
+
+def search_params(setting: dict):
+    """The faiss search parameters of one setting of :func:`faiss_grid`."""
+    if "qb" in setting:
+        ivf = faiss.IVFRaBitQSearchParameters(nprobe=setting["nprobe"], qb=setting["qb"])
+    else:
+        ivf = faiss.SearchParametersIVF(nprobe=setting["nprobe"])
+    if "k_factor" in setting:
+        return faiss.IndexRefineSearchParameters(k_factor=setting["k_factor"], base_index_params=ivf)
+    return ivf
+
+
+def build_faiss(name: str, args, xt, xb) -> tuple[faiss.Index, dict]:
     d = xb.shape[1]
-    key = factory.format(C=args.ivf_K, M=args.M, M2=2 * args.M)
+    key = FAISS_FACTORIES[name].format(C=args.ivf_K, M=args.M, M2=2 * args.M, H=args.M // 2,
+                                       RB=rabitq_bits(d, args.M))
     index = faiss.index_factory(d, key)
     _, t_train = timed(index.train, xt[:args.faiss_train])
     _, t_add = timed(index.add, xb)
+    meta = {"factory": key, "baseline": name, "train_s": t_train, "add_s": t_add, "build_s": t_train + t_add,
+            "n_train": min(len(xt), args.faiss_train), **faiss_bytes(index)}
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "rabitq"):
+        meta["rabitq_nb_bits"] = ivf.rabitq.nb_bits
+    return index, meta
+
+
+def run_faiss(name: str, args, xt, xb, xq, gt) -> tuple[list[dict], dict]:
+    index, meta = build_faiss(name, args, xt, xb)
+    log.info("%s: %d bytes per vector (%d code + %d refinement), built in %.1f s", meta["factory"],
+             meta["bytes_per_vector"], meta["code_bytes"], meta["refine_bytes"], meta["build_s"])
     runs = []
-    nprobes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= args.ivf_K]
     index.search(xq[:8], 100)                                       # warm-up
-    for nprobe in nprobes:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
+    for setting in faiss_grid(index, args.ivf_K):
+        params = search_params(setting)
         reps, t_total = 0, 0.0
-        while reps < 3 or t_total < 0.5:                          # fast settings: average repeats
+        while reps < 3 or t_total < args.search_min_s:             # fast settings: average repeats
             (_, ids), t = timed(index.search, xq, 100, params=params)
             reps, t_total = reps + 1, t_total + t
         recalls = {str(k): v for k, v in recall_at(ids, gt).items()}
-        runs.append({"parameters": {"nprobe": nprobe}, "recalls": recalls, "n_queries": len(xq),
+        runs.append({"parameters": setting, "recalls": recalls, "n_queries": len(xq),
                      "t_total": t_total / reps, "qps": len(xq) * reps / t_total, "repeats": reps})
-        log.info("%s nprobe=%d R@1=%.4f %.0f QPS", key, nprobe, recalls["1"], runs[-1]["qps"])
-    code_bytes = index.code_size
-    return runs, {"factory": key, "train_s": t_train, "add_s": t_add, "code_bytes": code_bytes,
-                  "n_train": min(len(xt), args.faiss_train)}
+        log.info("%s %s R@1=%.4f %.0f QPS", meta["factory"], setting, recalls["1"], runs[-1]["qps"])
+    return runs, meta
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="sift-photos")
+    p.add_argument("--valset", type=int, default=10_000,
+                   help="validation rows held out at the end of the training file (siftsmall: <= 5000)")
     p.add_argument("--ivf-K", type=int, default=2048)
     p.add_argument("--M", type=int, default=8, help="QINCo2 steps after the IVF step = bytes per vector")
     p.add_argument("--qinco-minutes", type=float, default=35.0)
+    p.add_argument("--device", default="cpu",
+                   help="torch device of QINCo2 training and encoding (cpu, cuda, cuda:1); searches run on the CPU")
     p.add_argument("--eval-AB", type=int, nargs=2, default=(16, 8), metavar=("A", "B"))
     p.add_argument("--n-encode-train", type=int, default=50_000,
-                   help="training rows encoded to fit the AQ tables and the pairwise decoder")
+                   help="training rows encoded to fit the AQ tables and the pairwise decoder; 0 or -1: all of them")
     p.add_argument("--n-pairs-per-step", type=float, default=2)
     p.add_argument("--faiss-train", type=int, default=100_000)
+    p.add_argument("--baselines", nargs="*", default=list(FAISS_FACTORIES), choices=list(FAISS_FACTORIES),
+                   metavar="NAME", help=f"faiss baselines to run (default all: {' '.join(FAISS_FACTORIES)})")
+    p.add_argument("--faiss-only", action="store_true", help="skip the QINCo2 pipeline, run the faiss baselines")
+    p.add_argument("--search-min-s", type=float, default=0.5,
+                   help="each setting is searched at least 3 times and for at least this many seconds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages-only", action="store_true", help="build the pipeline files, search nothing")
+    p.add_argument("--stop-after", choices=["encode"], default=None,
+                   help="encode: stop once the model and the codes exist (e.g. made on a GPU; the rest on the CPU)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: bench_codecs' QINCO_SETTINGS)")
+    p.add_argument("--lr", type=float, default=None, help="training learning rate (default: QINCO_SETTINGS)")
     p.add_argument("--work", default="runs/ivf_bench")
     p.add_argument("--out", default="benchmarks/results/ivf_search.jsonl")
     p.add_argument("--plot", default="benchmarks/results/ivf_search.png")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    ds = resolve_dataset(args.dataset)
-    xt_raw, xv_raw = ds.train_val(DataLimits())
-    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
-    xq, gt = ds.query_vectors(), ds.ground_truth()
-    env = environment(args.threads)
-    info = prepare(args, ds, xt_raw, xv_raw, xb, xq, gt)
-    print(json.dumps(info, indent=1))
-    if args.stages_only:
-        return
-    work = Path(args.work)
-    curves = run_ours(args, work, xq, gt)
-    meta = {label: {"pipeline": info, "code_bytes": args.M, "shortlist_code_bytes": args.M + 1}
-            for label in curves}
-    xt = np.ascontiguousarray(xt_raw[:args.faiss_train], dtype=np.float32)
-    for factory in FAISS_FACTORIES:
-        runs, m = run_faiss(factory, args, xt, xb, xq, gt)
-        curves[m["factory"]], meta[m["factory"]] = runs, m
-    common = {"bench": "ivf_search", "dataset": args.dataset, "ivf_K": args.ivf_K, "M": args.M,
-              "n_db": len(xb), "n_queries": len(xq), **env}
+    return p.parse_args()
+
+
+def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> None:
+    """Append every operating point to ``--out``, draw the Pareto fronts, print them."""
     with open(args.out, "a") as f:
         for label, runs in curves.items():
             front = {id(r) for r in pareto_front(runs)}
             for r in runs:
-                row = {**common, "index": label, "pareto": id(r) in front, **r, "meta": meta[label]}
+                row = {**common, "index": label, "pareto": id(r) in front, **r,
+                       "bytes_per_vector": meta[label]["bytes_per_vector"], "meta": meta[label]}
                 f.write(json.dumps(row) + "\n")
-    plot_pareto(curves, args.plot, title=f"{args.dataset}: {len(xb):,} vectors, {args.M} bytes, "
-                                         f"{args.ivf_K} lists, {args.threads} threads")
+    labelled = {f"{label} ({meta[label]['bytes_per_vector']:g} B)": runs for label, runs in curves.items()}
+    plot_pareto(labelled, args.plot, title=f"{args.dataset}: {n_db:,} vectors, {args.M} bytes, "
+                                           f"{args.ivf_K} lists, {args.threads} threads")
     for label, runs in curves.items():
-        print(label)
+        print(f"{label}  ({meta[label]['bytes_per_vector']:g} bytes per vector)")
         for r in pareto_front(runs):
             print(f"   {r['parameters']}  R@1 {r['recalls']['1']:.3f}  R@10 {r['recalls']['10']:.3f}  "
                   f"{r['qps']:.0f} QPS")
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    ds = resolve_dataset(args.dataset)
+    xt_raw, xv_raw = ds.train_val(DataLimits(valset=args.valset))
+    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
+    xq, gt = ds.query_vectors(), ds.ground_truth()
+    env = environment(args.threads)
+    curves, meta = {}, {}
+    if not args.faiss_only:
+        info = prepare(args, ds, xt_raw, xv_raw, xb, xq, gt)
+        print(json.dumps(info, indent=1))
+        if args.stages_only or args.stop_after:
+            return
+        curves = run_ours(args, Path(args.work), xq, gt)
+        # the shortlist index holds the M code bytes + 1 byte of norm; re-ranking decodes the same codes
+        meta = {label: {"pipeline": info, "code_bytes": args.M, "shortlist_code_bytes": args.M + 1,
+                        "bytes_per_vector": args.M + 1} for label in curves}
+    xt = np.ascontiguousarray(xt_raw[:args.faiss_train], dtype=np.float32)
+    for name in args.baselines:
+        runs, m = run_faiss(name, args, xt, xb, xq, gt)
+        curves[m["factory"]], meta[m["factory"]] = runs, m
+    common = {"bench": "ivf_search", "dataset": args.dataset, "ivf_K": args.ivf_K, "M": args.M,
+              "n_db": len(xb), "n_queries": len(xq), **env}
+    if curves:
+        write_results(args, curves, meta, common, len(xb))
 
 
 if __name__ == "__main__":
