@@ -41,15 +41,15 @@ def exact_rerank(q_QD: np.ndarray, ids_QS: np.ndarray, vectors_of, k: int, *,
         ids = ids_QS[a:b]
         valid = torch.from_numpy(ids >= 0)
         x = np.asarray(vectors_of(np.where(ids >= 0, ids, 0).ravel()), dtype=np.float32)
-        x_QSD = torch.from_numpy(x).reshape(b - a, S, -1)
-        q_QD = torch.from_numpy(np.ascontiguousarray(q_QD[a:b], dtype=np.float32))
+        x_bSD = torch.from_numpy(x).reshape(b - a, S, -1)
+        q_bD = torch.from_numpy(np.ascontiguousarray(q_QD[a:b], dtype=np.float32))
         if metric == "sqeuclidean":
-            dist = ((x_QSD - q_QD[:, None]) ** 2).sum(-1)
+            dist = ((x_bSD - q_bD[:, None]) ** 2).sum(-1)
         else:
             if metric == "cosine":
-                x_QSD = torch.nn.functional.normalize(x_QSD, dim=-1)
-                q_QD = torch.nn.functional.normalize(q_QD, dim=-1)
-            dist = (x_QSD * q_QD[:, None]).sum(-1)
+                x_bSD = torch.nn.functional.normalize(x_bSD, dim=-1)
+                q_bD = torch.nn.functional.normalize(q_bD, dim=-1)
+            dist = (x_bSD * q_bD[:, None]).sum(-1)
             dist = dist if largest else 1 - dist
         dist[~valid] = -float("inf") if largest else float("inf")
         top_dist, top_pos = torch.sort(dist, dim=1, descending=largest, stable=True)

@@ -23,3 +23,17 @@ def test_exact_rerank_orders_by_distance_then_candidate_order():
         assert ids[r].tolist() == ref
     assert ids[0, :2].tolist() == [30, 7]
     assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_query_batches_give_the_same_result_for_every_metric():
+    """Queries re-ranked in batches of a few rows (many chunks) equal one whole batch."""
+    rng = np.random.default_rng(1)
+    db = rng.normal(size=(200, 6)).astype(np.float32)
+    q = rng.normal(size=(23, 6)).astype(np.float32)
+    cand = np.stack([rng.permutation(200)[:17] for _ in range(23)])
+    cand[3, 4] = -1
+    for metric in ("sqeuclidean", "inner_product", "cosine"):
+        whole = exact_rerank(q, cand, lambda i: db[i], 5, metric=metric)
+        small = exact_rerank(q, cand, lambda i: db[i], 5, metric=metric, batch_rows=2 * 17)
+        np.testing.assert_array_equal(small[1], whole[1])
+        np.testing.assert_array_equal(small[0], whole[0])
