@@ -273,6 +273,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--baselines", nargs="*", default=list(FAISS_FACTORIES), choices=list(FAISS_FACTORIES),
                    metavar="NAME", help=f"faiss baselines to run (default all: {' '.join(FAISS_FACTORIES)})")
     p.add_argument("--faiss-only", action="store_true", help="skip the QINCo2 pipeline, run the faiss baselines")
+    p.add_argument("--add-runs", default=None, metavar="JSONL",
+                   help="also plot and print the curves of this file (lines of an earlier run, e.g. --faiss-only)")
     p.add_argument("--search-min-s", type=float, default=0.5,
                    help="each setting is searched at least 3 times and for at least this many seconds")
     p.add_argument("--threads", type=int, default=2)
@@ -334,6 +336,23 @@ def main() -> None:
               "n_db": len(xb), "n_queries": len(xq), **env}
     if curves:
         write_results(args, curves, meta, common, len(xb))
+    if args.add_runs:
+        add_earlier_runs(args, curves, meta, len(xb))
+
+
+def add_earlier_runs(args, curves: dict, meta: dict, n_db: int) -> None:
+    """Redraw ``--plot`` with the curves of ``--add-runs`` (lines of one earlier run) beside these
+    (an index of this run hides the earlier lines of the same index)."""
+    earlier, sizes = {}, {}
+    for row in map(json.loads, Path(args.add_runs).read_text().splitlines()):
+        earlier.setdefault(row["index"], []).append(row)
+        sizes[row["index"]] = row["bytes_per_vector"]
+    for label, runs in earlier.items():
+        if label not in curves:
+            curves[label], meta[label] = runs, {"bytes_per_vector": sizes[label]}
+    labelled = {f"{label} ({meta[label]['bytes_per_vector']:g} B)": runs for label, runs in curves.items()}
+    plot_pareto(labelled, args.plot, title=f"{args.dataset}: {n_db:,} vectors, {args.M} bytes, "
+                                           f"{args.ivf_K} lists, {args.threads} threads")
 
 
 if __name__ == "__main__":

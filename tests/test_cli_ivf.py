@@ -89,11 +89,12 @@ def test_grid_keys_take_one_value_or_a_list():
 def test_pairwise_decoder_beats_additive_decoding(capsys, chain, built, tmp_path):
     r = built["pairwise_result"]
     assert Path(built["pairwise"]).is_file()
-    assert (r["n_train"], r["M"], r["K"], r["ivf_K"], r["n_tables"]) == (3000, 2, 256, 8, 4)
-    assert 0 < r["mse"] < r["additive_mse"]
+    assert (r["n_train"], r["M"], r["K"], r["ivf_K"]) == (3000, 2, 256, 8) and 1 <= r["n_tables"] <= 4
+    # held-out rows: AQ tables, then pair tables that each lower the held-out MSE
+    assert 0 < r["mse"] < r["additive_mse"] < r["centroids_mse"]
     rc, out, _, result = _run(capsys, *_pairwise_args(chain, chain["A_train"]),
                               f"output={tmp_path / 'p.pt'}", "n_pairs_per_step=1")
-    assert rc == 0 and "plain additive (AQ)" in out and result["n_tables"] == 2
+    assert rc == 0 and "plain additive (AQ)" in out and 1 <= result["n_tables"] <= 2
 
 
 def test_build_index_and_search_with_resume(capsys, chain, built):

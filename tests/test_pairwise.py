@@ -66,7 +66,10 @@ def test_ivf_subcodes_shape_and_range(trained):
 def test_every_table_lowers_the_held_out_mse(trained, pair_data):
     codes, x, centroids = pair_data
     h = _hold(len(codes))
-    initial = mse(x[:h] - centroids[codes[:h, 0]], 0 * x[:h])
+    # the decoder starts from AQ tables (ridge chosen on the held-out rows)
+    cols = np.concatenate([codes[:, 1:], trained.ivf_subcodes_[codes[:, 0]]], 1)
+    initial = mse(x[:h] - centroids[codes[:h, 0]], additive_decode(cols[:h], trained.aq_tables_))
+    assert initial <= trained.additive_baseline_mse(codes, x) * (1 + 1e-6)
     curve = [initial] + trained.holdout_mse_
     assert all(b < a * (1 - trained.min_gain) for a, b in itertools.pairwise(curve))
     assert curve[-1] < 0.1 * initial
@@ -109,7 +112,12 @@ def test_first_round_matches_plain_loop_reference(trained, pair_data):
     codes, x, centroids = pair_data
     cols = np.concatenate([codes[:, 1:], trained.ivf_subcodes_[codes[:, 0]]], 1)
     t = (x - centroids[codes[:, 0]]).astype(np.float64)
-    pairs, tables, mses, lams = _reference_greedy(cols, t, 1, _hold(len(codes)), trained.shrinkage, trained.min_gain)
+    h = _hold(len(codes))
+    # the AQ start: least-squares tables on the fitting rows with one of the shrinkage values as ridge
+    assert any(np.allclose(trained.aq_tables_, fit_additive_codebooks(cols[h:], t[h:], K, ridge=max(r, 1e-6)),
+                           rtol=1e-4, atol=1e-5) for r in trained.shrinkage)
+    t -= additive_decode(cols, trained.aq_tables_)
+    pairs, tables, mses, lams = _reference_greedy(cols, t, 1, h, trained.shrinkage, trained.min_gain)
     assert tuple(trained.pairs_[0]) == tuple(pairs[0]) and trained.shrinkage_[0] == lams[0]
     # float64 sums in another summation order, stored in float32
     np.testing.assert_allclose(trained.tables_[0], tables[0], rtol=1e-5, atol=1e-6)
@@ -120,8 +128,8 @@ def test_all_rounds_match_whole_array_reference(pair_data):
     codes, x, centroids = pair_data
     # 700 held-out rows with 128-row chunks: the held-out window ends mid-chunk
     shrinkage = (0.0, 1.0, 3.0, 30.0)
-    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, holdout_rows=700, shrinkage=shrinkage).train(
-        codes, x, centroids, progress=False, chunk_rows=128)
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2, holdout_rows=700, shrinkage=shrinkage,
+                          additive_start=False).train(codes, x, centroids, progress=False, chunk_rows=128)
     cols = np.concatenate([codes[:, 1:], dec.ivf_subcodes_[codes[:, 0]]], 1).astype(np.int64)
     pairs, tables, mses, lams = _reference_greedy(cols, (x - centroids[codes[:, 0]]).astype(np.float64), 2 * M,
                                                   700, shrinkage, dec.min_gain)
@@ -157,7 +165,7 @@ def test_shrinkage_and_held_out_choice_beat_plain_means_on_fresh_data():
     assert min(shrunk.shrinkage_) > 0
     assert shrunk.decode_mse(fresh_codes, fresh_x) < 0.99 * nothing
     # the in-sample rule of version 1 (every table, lam = 0, chosen on fitted rows): worse than nothing
-    fit_all = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0,), holdout_rows=1)
+    fit_all = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0,), holdout_rows=1, additive_start=False)
     fit_all.train(codes, x, centroids, progress=False)
     assert fit_all.decode_mse(fresh_codes, fresh_x) > nothing
 
@@ -167,7 +175,7 @@ def test_no_table_is_kept_when_none_helps():
     codes = np.zeros((2000, 1 + M), dtype=np.int32)
     codes[:, 1:] = rng.integers(0, K, size=(2000, M))
     x = rng.normal(size=(2000, D)).astype(np.float32)          # independent of the codes
-    dec = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0, 1.0)).train(
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=0, shrinkage=(0.0, 1.0), additive_start=False).train(
         codes, x, np.zeros((1, D), np.float32), progress=False)
     assert dec.pairs_.shape == (0, 2) and dec.tables_.shape == (0, K * K, D) and dec.holdout_mse_ == []
     np.testing.assert_array_equal(dec.decode(codes[:5]), np.zeros((5, D), np.float32))
@@ -321,15 +329,36 @@ def test_weighted_kmeans_follows_the_weights():
     assert sub.shape == (30, 2) and sub.max() < 5        # min(K, #weighted lists) centroids
 
 
-def test_version_1_files_still_load(trained, pair_data, tmp_path):
-    """Files of the in-sample version (``eval_rows``, ``train_mse_``, no shrinkage) decode as before."""
+def test_version_1_files_still_load(pair_data, tmp_path):
+    """Files of the in-sample version (``eval_rows``, ``train_mse_``, no shrinkage, no AQ tables)
+    decode as before."""
+    trained = PairwiseDecoder(K=K, ivf_subcode_levels=2, additive_start=False).train(*pair_data, progress=False)
     trained.save(tmp_path / "v2.pt")
     payload = torch.load(tmp_path / "v2.pt", weights_only=True)
-    params = {k: v for k, v in payload["params"].items() if k not in ("holdout_rows", "shrinkage", "min_gain")}
-    state = {k: v for k, v in payload["state"].items() if k not in ("holdout_mse_", "shrinkage_")}
+    params = {k: v for k, v in payload["params"].items()
+              if k not in ("holdout_rows", "shrinkage", "min_gain", "additive_start")}
+    state = {k: v for k, v in payload["state"].items() if k not in ("holdout_mse_", "shrinkage_", "aq_tables_")}
     atomic_torch_save({**payload, "version": 1, "params": {**params, "eval_rows": 1000},
                        "state": {**state, "train_mse_": [0.5] * len(trained.pairs_)}}, tmp_path / "v1.pt")
     old = PairwiseDecoder.load(tmp_path / "v1.pt")
     assert old.holdout_rows == 1000 and old.holdout_mse_ == [0.5] * len(trained.pairs_)
-    assert old.shrinkage_ == [0.0] * len(trained.pairs_)
+    assert old.shrinkage_ == [0.0] * len(trained.pairs_) and not old.additive_start and len(old.aq_tables_) == 0
     np.testing.assert_array_equal(old.decode(pair_data[0][:50]), trained.decode(pair_data[0][:50]))
+
+
+def test_additive_start_is_never_worse_than_aq_on_held_out_rows(pair_data):
+    """Additive targets plus noise: AQ tables explain them, pair tables add little; the decoder
+    starts from the AQ tables and keeps a pair table only when the held-out rows gain."""
+    codes, _, centroids = pair_data
+    rng = np.random.default_rng(8)
+    g = rng.normal(size=(M, K, D))
+    t = sum(g[m][codes[:, 1 + m]] for m in range(M)) + 0.3 * rng.normal(size=(len(codes), D))
+    x = (centroids[codes[:, 0]] + t).astype(np.float32)
+    dec = PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x, centroids, progress=False)
+    h, aq = dec.n_holdout(len(codes)), dec.additive_baseline_mse(codes, x)
+    assert dec.aq_tables_.shape == (M + 2, K, D)
+    assert mse(x[:h], dec.decode(codes[:h])) <= aq * (1 + 1e-6)
+    greedy = PairwiseDecoder(K=K, ivf_subcode_levels=2, additive_start=False).train(codes, x, centroids,
+                                                                                   progress=False)
+    # greedy pair tables from the centroids do not reach the joint least-squares fit here
+    assert mse(x[:h], greedy.decode(codes[:h])) > mse(x[:h], dec.decode(codes[:h]))

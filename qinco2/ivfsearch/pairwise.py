@@ -1,16 +1,16 @@
 """Pairwise additive decoder (QINCo2 §3.3, spec §8.6): look-up tables indexed by code pairs.
 
 A vector with codes ``(i0, i1..iM)`` (IVF list, then M step codes) is decoded as
-``c_ivf[i0] + sum_j P_j[k_{a_j} * K + k_{b_j}]`` where the columns ``k`` are the M step codes
-followed by ``levels`` sub-codes of the IVF centroid (a residual k-means of the centroids), and
-each table ``P_j`` holds ``K*K`` vectors. Training fits the tables greedily, one table of
-shrunk per-cell means per round, on raw-space residuals ``x - c_ivf[i0]``; the pair and the
-shrinkage of each round are chosen on held-out rows, and rounds stop when no table helps them
-(:mod:`qinco2.ivfsearch.pair_tables`). Codes and vectors are
-only read in row chunks (memory maps larger than RAM work); the residual after the tables chosen
-so far is recomputed chunk by chunk instead of being stored.
+``c_ivf[i0] + sum_l A_l[k_l] + sum_j P_j[k_{a_j} * K + k_{b_j}]`` where the columns ``k`` are
+the M step codes followed by ``levels`` sub-codes of the IVF centroid (a residual k-means of the
+centroids), ``A_l`` are least-squares additive (AQ) tables of ``K`` vectors (by default), and
+each pair table ``P_j`` holds ``K*K`` vectors. Training fits the pair tables greedily, one table
+of shrunk per-cell means per round, on what the centroid and the AQ tables leave of ``x``; the
+pair and the shrinkage of each round are chosen on held-out rows, and rounds stop when no table
+helps them (:mod:`qinco2.ivfsearch.pair_tables`). Codes and vectors are only read in row chunks
+(memory maps larger than RAM work); the residual after the tables chosen so far is recomputed
+chunk by chunk instead of being stored.
 """
-
 from __future__ import annotations
 
 import logging
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_TAG = "qinco2-pairwise"
 FORMAT_VERSION = 2                # 2: held-out choices and shrinkage (1: in-sample means)
-_STATE = ("M_", "ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_", "holdout_mse_", "shrinkage_")
+_STATE = ("M_", "ivf_centroids_", "ivf_subcodes_", "aq_tables_", "pairs_", "tables_", "holdout_mse_", "shrinkage_")
 DEFAULT_CHUNK_ROWS = 65_536        # training / measuring rows read at a time
 DEFAULT_ACCUMULATOR_BYTES = 1 << 30  # float64 per-cell sums of candidate tables held at a time
 
@@ -75,12 +75,16 @@ def _head(a):
     return a if isinstance(a, np.ndarray) or not hasattr(a, "shape") else a[:0]
 
 
-def _columns_and_targets(codes, x, centroids_CD, subcodes_CL, lo: int, hi: int):
+def _columns_and_targets(codes, x, centroids_CD, subcodes_CL, aq_LKD, lo: int, hi: int):
     """Rows ``lo:hi`` as code columns ``(n, M + levels)`` int64 (the step codes, then the IVF
-    sub-codes) and raw residual targets ``x - c_ivf[i0]`` ``(n, D)`` float64."""
+    sub-codes) and raw residual targets ``x - c_ivf[i0] - sum_l aq[l, col_l]`` ``(n, D)``
+    float64 (no AQ term when ``aq_LKD`` has no table)."""
     c = np.asarray(codes[lo:hi])
     cols = np.concatenate([c[:, 1:], subcodes_CL[c[:, 0]]], axis=1).astype(np.int64)
-    return cols, np.asarray(x[lo:hi], dtype=np.float64) - centroids_CD[c[:, 0]]
+    t = np.asarray(x[lo:hi], dtype=np.float64) - centroids_CD[c[:, 0]]
+    if len(aq_LKD):
+        t -= additive_decode(cols, aq_LKD)
+    return cols, t
 
 
 def _check_x(x, D: int, n: int, dim_owner: str, chunk_rows: int, finite: bool = True) -> None:
@@ -104,9 +108,13 @@ def _upgrade_version_1(params: dict, state: dict) -> None:
     per-round MSEs were measured on fitted rows, their shrinkage is 0."""
     if "eval_rows" in params:
         params["holdout_rows"] = params.pop("eval_rows")
+    params["additive_start"] = False
     if "train_mse_" in state:
         state["holdout_mse_"] = state.pop("train_mse_")
         state["shrinkage_"] = [0.0] * len(state["holdout_mse_"])
+    tables = state.get("tables_")
+    if isinstance(tables, torch.Tensor) and tables.ndim == 3:
+        state["aq_tables_"] = torch.zeros((0, params.get("K", 256), tables.shape[2]), dtype=torch.float32)
 
 
 class PairwiseDecoder:
@@ -116,10 +124,17 @@ class PairwiseDecoder:
     >>> xhat = dec.decode(codes)                                       # doctest: +SKIP
 
     Learned state: ``M_`` (step codes per vector), ``ivf_centroids_`` (C, D) float32,
-    ``ivf_subcodes_`` (C, levels) int32, ``pairs_`` (J, 2) column pairs (columns: the M step
-    codes, then the sub-codes), ``tables_`` (J, K*K, D) float32, ``holdout_mse_`` (held-out
-    MSE after each table), ``shrinkage_`` (each table's ``lam``). ``J`` is at most
-    ``round(n_pairs_per_step * M)``: rounds stop when no table helps the held-out rows.
+    ``ivf_subcodes_`` (C, levels) int32, ``aq_tables_`` (L, K, D) float32 one table per
+    column (L = M + levels; none when ``additive_start=False``), ``pairs_`` (J, 2) column pairs
+    (columns: the M step codes, then the sub-codes), ``tables_`` (J, K*K, D) float32,
+    ``holdout_mse_`` (held-out MSE after each table), ``shrinkage_`` (each table's ``lam``).
+    ``J`` is at most ``round(n_pairs_per_step * M)``: rounds stop when no table helps the
+    held-out rows. A vector decodes as its centroid + its AQ tables + its pair tables.
+
+    ``additive_start`` (default): the pair tables correct the residual of least-squares AQ
+    tables of every column (fitted jointly, :mod:`qinco2.ivfsearch.aq`), so on held-out rows
+    the decoder is never worse than AQ; ``False`` starts from the centroids (the paper's
+    decoder, which needs millions of training rows: greedy tables are not fitted jointly).
 
     Training holds out the first ``min(holdout_rows, N // 4)`` rows: tables are fitted on the
     others, and each round's pair and shrinkage (cell value ``sum / (count + lam)``, ``lam`` from
@@ -129,7 +144,7 @@ class PairwiseDecoder:
 
     def __init__(self, n_pairs_per_step: float = 2, ivf_subcode_levels: int = 5, K: int = 256,
                  seed: int = 0, holdout_rows: int = 100_000, shrinkage=DEFAULT_SHRINKAGE,
-                 min_gain: float = DEFAULT_MIN_GAIN):
+                 min_gain: float = DEFAULT_MIN_GAIN, additive_start: bool = True):
         self.n_pairs_per_step = n_pairs_per_step
         self.ivf_subcode_levels = ivf_subcode_levels
         self.K = K
@@ -137,6 +152,7 @@ class PairwiseDecoder:
         self.holdout_rows = holdout_rows
         self.shrinkage = tuple(shrinkage)
         self.min_gain = min_gain
+        self.additive_start = additive_start
         for name in _STATE:
             setattr(self, name, None)
 
@@ -144,7 +160,8 @@ class PairwiseDecoder:
         """The constructor's parameters (stored in decoder files)."""
         return {"n_pairs_per_step": self.n_pairs_per_step, "ivf_subcode_levels": self.ivf_subcode_levels,
                 "K": self.K, "seed": self.seed, "holdout_rows": self.holdout_rows,
-                "shrinkage": [float(v) for v in self.shrinkage], "min_gain": self.min_gain}
+                "shrinkage": [float(v) for v in self.shrinkage], "min_gain": self.min_gain,
+                "additive_start": self.additive_start}
 
     def n_holdout(self, N: int) -> int:
         """Rows held out of fitting when training on ``N`` rows: the first ``min(holdout_rows, N // 4)``
@@ -201,9 +218,34 @@ class PairwiseDecoder:
             raise NotTrainedError("this PairwiseDecoder is not trained: call train(codes, x, ivf_centroids) "
                                   "or PairwiseDecoder.load(path) first")
 
-    def _rows(self, codes, x):
-        """``rows(lo, hi)`` of :func:`greedy_pair_tables` for these codes and vectors."""
-        return partial(_columns_and_targets, codes, x, self.ivf_centroids_, self.ivf_subcodes_)
+    def _rows(self, codes, x, additive: bool = True):
+        """``rows(lo, hi)`` of :func:`greedy_pair_tables` for these codes and vectors: targets
+        after the AQ tables (``additive``) or after the IVF centroids only."""
+        aq = self.aq_tables_ if additive else self.aq_tables_[:0]
+        return partial(_columns_and_targets, codes, x, self.ivf_centroids_, self.ivf_subcodes_, aq)
+
+    def _fit_additive(self, codes, x, N: int, chunk_rows: int, ridges=(1e-6,), require_gain: bool = False):
+        """Least-squares AQ tables ``(L, K, D)`` on up to ``holdout_rows`` of the fitting rows
+        (those after the first :meth:`n_holdout`), targets after the IVF centroids: of the
+        ``ridges`` (in rows, like the shrinkage), the one with the lowest held-out MSE. With
+        ``require_gain``: no table (shape ``(0, K, D)``) unless it beats the centroids alone on the
+        held-out rows by ``min_gain``."""
+        rows, n_hold = self._rows(codes, x, additive=False), self.n_holdout(N)
+        end = min(N, n_hold + self.holdout_rows)
+        fit = [rows(lo, min(lo + chunk_rows, end)) for lo in range(n_hold, end, chunk_rows)]
+        cols_fit, t_fit = np.concatenate([c for c, _ in fit]), np.concatenate([t for _, t in fit])
+        del fit
+        held = [rows(lo, min(lo + chunk_rows, n_hold)) for lo in range(0, n_hold, chunk_rows)]
+        fits = []
+        for ridge in ridges:
+            tables = fit_additive_codebooks(cols_fit, t_fit, self.K, ridge=max(float(ridge), 1e-6))
+            fits.append((sum(mse(t, additive_decode(c, tables)) * len(t) for c, t in held), float(ridge), tables))
+        err, ridge, tables = min(fits, key=lambda f: f[0])
+        if require_gain and not err < sum(float((t * t).sum()) for _, t in held) * (1 - self.min_gain):
+            log.info("pairwise decoder: AQ tables do not help the held-out rows; starting from the centroids")
+            return np.zeros((0, self.K, t_fit.shape[1]), dtype=np.float32)
+        log.info("pairwise decoder: AQ tables with ridge %g, held-out MSE %.6g", ridge, err / n_hold)
+        return tables
 
     # ------------------------------------------------------------------ training
     def train(self, codes, x_ND, ivf_centroids_CD, progress: bool = True, *,
@@ -233,6 +275,9 @@ class PairwiseDecoder:
         self.ivf_subcodes_ = ivf_subcodes(self.ivf_centroids_, weights, self.ivf_subcode_levels,
                                           self.K, self.seed)
         L = M + self.ivf_subcode_levels
+        self.aq_tables_ = np.zeros((0, self.K, D), dtype=np.float32)
+        if self.additive_start:
+            self.aq_tables_ = self._fit_additive(codes, x_ND, N, chunk_rows, self.shrinkage, require_gain=True)
         group_size = max(1, accumulator_bytes // (self.K ** 2 * (2 * D + 2) * 8))
         n_hold = self.n_holdout(N)
         log.info("pairwise decoder: N=%d (%d held out), M=%d, %d columns, J<=%d tables of %d x %d, "
@@ -256,12 +301,8 @@ class PairwiseDecoder:
         self._list_sizes(codes, len(self.ivf_centroids_), chunk_rows)
         if N < 2:
             raise InputError(f"codes and x have {N} rows; the baseline needs at least 2 (one is held out)")
-        rows, n_hold = self._rows(codes, x_ND), self.n_holdout(N)
-        end = min(N, n_hold + self.holdout_rows)
-        fit = [rows(lo, min(lo + chunk_rows, end)) for lo in range(n_hold, end, chunk_rows)]
-        tables = fit_additive_codebooks(np.concatenate([c for c, _ in fit]), np.concatenate([t for _, t in fit]),
-                                        self.K)
-        del fit
+        tables = self._fit_additive(codes, x_ND, N, chunk_rows)
+        rows, n_hold = self._rows(codes, x_ND, additive=False), self.n_holdout(N)
         total = 0.0
         for lo in range(0, n_hold, chunk_rows):
             cols, t = rows(lo, min(lo + chunk_rows, n_hold))
@@ -278,6 +319,8 @@ class PairwiseDecoder:
         for i, c in self._code_chunks(codes, len(self.ivf_centroids_), batch_size):
             cols = np.concatenate([c[:, 1:], self.ivf_subcodes_[c[:, 0]]], axis=1).astype(np.int64)
             acc = self.ivf_centroids_[c[:, 0]]
+            if len(self.aq_tables_):
+                acc += additive_decode(cols, self.aq_tables_)
             for (a, b), table in zip(self.pairs_, self.tables_):
                 acc += table[cols[:, a] * self.K + cols[:, b]]
             out[i:i + len(c)] = acc
@@ -304,7 +347,7 @@ class PairwiseDecoder:
         self._trained()
         state = {"M_": int(self.M_), "holdout_mse_": [float(v) for v in self.holdout_mse_],
                  "shrinkage_": [float(v) for v in self.shrinkage_]}
-        for name in ("ivf_centroids_", "ivf_subcodes_", "pairs_", "tables_"):
+        for name in ("ivf_centroids_", "ivf_subcodes_", "aq_tables_", "pairs_", "tables_"):
             state[name] = torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
         atomic_torch_save({"format": FORMAT_TAG, "version": FORMAT_VERSION,
                            "params": self.get_params(), "state": state}, path)
