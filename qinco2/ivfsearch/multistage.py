@@ -340,17 +340,23 @@ def plot_pareto(runs_by_label: dict[str, list[dict]], path_png, *, key: str = "R
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError("plotting needs matplotlib: pip install 'qinco2[plot]'") from None
-    fig = Figure(figsize=(6, 4.5))
+    many = len(runs_by_label) > 4
+    fig = Figure(figsize=(9, 4.5) if many else (6, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, runs in runs_by_label.items():
+    for i, (label, runs) in enumerate(runs_by_label.items()):
         front = pareto_front(runs, key)
-        ax.plot([_qps(r) for r in front], [_recall(r, key) for r in front], marker="o", label=label)
+        # ten colours, then the same colours dashed, then dotted: every curve stays distinct
+        ax.plot([_qps(r) for r in front], [_recall(r, key) for r in front], marker="o", markersize=4,
+                linestyle=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("queries per second")
     ax.set_ylabel(key)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if many:                                    # beside the axes, so that no curve is hidden
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend()
     if title:
         ax.set_title(title)
     path = Path(path_png)
