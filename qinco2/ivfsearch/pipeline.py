@@ -103,7 +103,7 @@ def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, outp
     centroid_mse = centroids_only_mse(codes[:n_hold], x_ND[:n_hold], centroids)
     return {"output": str(output), "n_train": len(codes), "n_holdout": n_hold, "M": enc["M"], "K": enc["K"],
             "ivf_K": enc["ivf_K"], "n_tables": len(dec.pairs_), "model_sha": enc["model_sha"],
-            "mse_scale": mse_scale, "mse": (dec.holdout_mse_ or [centroid_mse])[-1] * mse_scale,
+            "mse_scale": mse_scale, "mse": dec.decode_mse(codes[:n_hold], x_ND[:n_hold]) * mse_scale,
             "additive_mse": dec.additive_baseline_mse(codes, x_ND) * mse_scale,
             "centroids_mse": centroid_mse * mse_scale}
 
