@@ -289,6 +289,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def draw(args, curves: dict, meta: dict, n_db: int) -> None:
+    """The Pareto fronts of ``curves`` in ``--plot``, each labelled with its bytes per vector."""
+    labelled = {f"{label} ({meta[label]['bytes_per_vector']:g} B)": runs for label, runs in curves.items()}
+    plot_pareto(labelled, args.plot, title=f"{args.dataset}: {n_db:,} vectors, {args.M} bytes, "
+                                           f"{args.ivf_K} lists, {args.threads} threads")
+
+
 def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> None:
     """Append every operating point to ``--out``, draw the Pareto fronts, print them."""
     with open(args.out, "a") as f:
@@ -298,9 +305,7 @@ def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> No
                 row = {**common, "index": label, "pareto": id(r) in front, **r,
                        "bytes_per_vector": meta[label]["bytes_per_vector"], "meta": meta[label]}
                 f.write(json.dumps(row) + "\n")
-    labelled = {f"{label} ({meta[label]['bytes_per_vector']:g} B)": runs for label, runs in curves.items()}
-    plot_pareto(labelled, args.plot, title=f"{args.dataset}: {n_db:,} vectors, {args.M} bytes, "
-                                           f"{args.ivf_K} lists, {args.threads} threads")
+    draw(args, curves, meta, n_db)
     for label, runs in curves.items():
         print(f"{label}  ({meta[label]['bytes_per_vector']:g} bytes per vector)")
         for r in pareto_front(runs):
@@ -350,9 +355,7 @@ def add_earlier_runs(args, curves: dict, meta: dict, n_db: int) -> None:
     for label, runs in earlier.items():
         if label not in curves:
             curves[label], meta[label] = runs, {"bytes_per_vector": sizes[label]}
-    labelled = {f"{label} ({meta[label]['bytes_per_vector']:g} B)": runs for label, runs in curves.items()}
-    plot_pareto(labelled, args.plot, title=f"{args.dataset}: {n_db:,} vectors, {args.M} bytes, "
-                                           f"{args.ivf_K} lists, {args.threads} threads")
+    draw(args, curves, meta, n_db)
 
 
 if __name__ == "__main__":
