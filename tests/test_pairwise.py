@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import tracemalloc
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from qinco2.checkpoint import atomic_torch_save, save_checkpoint
 from qinco2.errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from qinco2.ivfsearch.aq import additive_decode, fit_additive_codebooks
+from qinco2.ivfsearch.pair_tables import ResidualFile
 from qinco2.ivfsearch.pairwise import FORMAT_TAG, PairwiseDecoder, ivf_subcodes, weighted_kmeans
 from qinco2.metrics import mse
 
@@ -362,3 +364,68 @@ def test_additive_start_is_never_worse_than_aq_on_held_out_rows(pair_data):
                                                                                    progress=False)
     # greedy pair tables from the centroids do not reach the joint least-squares fit here
     assert mse(x[:h], greedy.decode(codes[:h])) > mse(x[:h], dec.decode(codes[:h]))
+
+
+class CountingRows:
+    """Row slices of ``a``, counting the rows handed out."""
+
+    def __init__(self, a: np.ndarray):
+        self.a, self.shape, self.rows_read = a, a.shape, 0
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, key):
+        rows = self.a[key]
+        self.rows_read += len(rows)
+        return rows
+
+
+def test_each_round_reads_the_scratch_file_not_the_vectors(pair_data, tmp_path):
+    """The vectors are read a fixed number of times (list sizes, AQ tables, the scratch file),
+    however many rounds run; the residual of the chosen tables lives in the scratch file, which
+    exists in ``scratch_dir`` during training only."""
+    codes, x, centroids = pair_data
+    x_r = CountingRows(x)
+    seen = []
+
+    def spy(self, a, b, table):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real_subtract(self, a, b, table)
+
+    real_subtract = ResidualFile.subtract
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qinco2.ivfsearch.pair_tables.ResidualFile.subtract", spy)
+        dec = PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x_r, centroids, progress=False,
+                                                               chunk_rows=500, accumulator_bytes=1,
+                                                               scratch_dir=tmp_path)
+    assert len(dec.pairs_) >= 3                         # several rounds of 10 one-pair groups each
+    # finiteness check + AQ fit (held-out and fitting rows) + the scratch file: 3 passes at most,
+    # where recomputing the residual read all rows twice per group per round (>= 60 passes here)
+    assert x_r.rows_read <= 3 * len(x)
+    J = dec._check_params(M)             # the last allowed round leaves the file as it is
+    assert len(seen) == (len(dec.pairs_) - 1 if len(dec.pairs_) == J else len(dec.pairs_))
+    assert all(len(names) == 1 and names[0].startswith("qinco2-pairwise-") for names in seen)
+    assert list(tmp_path.iterdir()) == []               # removed at the end
+    ref = PairwiseDecoder(K=K, ivf_subcode_levels=2).train(codes, x, centroids, progress=False)
+    np.testing.assert_array_equal(dec.pairs_, ref.pairs_)
+    np.testing.assert_allclose(dec.tables_, ref.tables_, rtol=1e-5, atol=1e-6)
+
+
+def test_scratch_file_needs_space_and_is_removed_after_an_error(pair_data, tmp_path, monkeypatch):
+    codes, x, centroids = pair_data
+    real = shutil.disk_usage
+    monkeypatch.setattr("qinco2.ivfsearch.pair_tables.shutil.disk_usage",
+                        lambda p: real(p)._replace(free=1000))
+    with pytest.raises(InputError, match=r"scratch file of .* GiB, but .* free; pass scratch_dir="):
+        PairwiseDecoder(K=K).train(codes, x, centroids, progress=False, scratch_dir=tmp_path)
+    monkeypatch.undo()
+
+    def fail(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("qinco2.ivfsearch.pair_tables._best_of_group", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        PairwiseDecoder(K=K).train(codes, x, centroids, progress=False, scratch_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

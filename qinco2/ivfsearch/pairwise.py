@@ -8,8 +8,8 @@ each pair table ``P_j`` holds ``K*K`` vectors. Training fits the pair tables gre
 of shrunk per-cell means per round, on what the centroid and the AQ tables leave of ``x``; the
 pair and the shrinkage of each round are chosen on held-out rows, and rounds stop when no table
 helps them (:mod:`qinco2.ivfsearch.pair_tables`). Codes and vectors are only read in row chunks
-(memory maps larger than RAM work); the residual after the tables chosen so far is recomputed
-chunk by chunk instead of being stored.
+(memory maps larger than RAM work); the residual after the tables chosen so far is kept in a
+memory-mapped scratch file, updated once per round.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ class PairwiseDecoder:
     # ------------------------------------------------------------------ training
     def train(self, codes, x_ND, ivf_centroids_CD, progress: bool = True, *,
               chunk_rows: int = DEFAULT_CHUNK_ROWS,
-              accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES) -> PairwiseDecoder:
+              accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES, scratch_dir=None) -> PairwiseDecoder:
         """Fit sub-codes and pair tables on training codes ``(N, 1+M)`` of raw vectors ``x_ND``.
 
         Both are read ``chunk_rows`` rows at a time (slices ``[lo:hi]`` only, so memory maps
@@ -258,7 +258,10 @@ class PairwiseDecoder:
         per-cell sums of candidate tables, and the tables. Each round makes one pass over all
         rows per group of candidate pairs whose fitting and held-out sums fit in
         ``accumulator_bytes`` (at least one pair per group); the result does not depend on either
-        size (up to float rounding). Needs at least 2 rows (one held out).
+        size (up to float rounding). Disk: the code columns and float32 residuals of all rows in a
+        scratch file under ``scratch_dir`` (default: the system's temporary directory), about
+        ``N * (M + levels + 4 * D)`` bytes, removed at the end
+        (:class:`~qinco2.ivfsearch.pair_tables.ResidualFile`). Needs at least 2 rows (one held out).
         """
         centroids = check_vectors(ivf_centroids_CD, what="ivf_centroids")
         _check_chunking(chunk_rows=chunk_rows, accumulator_bytes=accumulator_bytes)
@@ -284,7 +287,8 @@ class PairwiseDecoder:
                  "%d candidate tables per pass", N, n_hold, M, L, J, self.K ** 2, D, group_size)
         self.pairs_, self.tables_, self.holdout_mse_, self.shrinkage_ = greedy_pair_tables(
             self._rows(codes, x_ND), N, L, D, self.K, J, n_hold, shrinkage=self.shrinkage,
-            min_gain=self.min_gain, chunk_rows=chunk_rows, group_size=group_size, progress=progress)
+            min_gain=self.min_gain, chunk_rows=chunk_rows, group_size=group_size, progress=progress,
+            scratch_dir=scratch_dir)
         return self
 
     def additive_baseline_mse(self, codes, x_ND, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:

@@ -92,12 +92,14 @@ def train_pairwise_decoder(ivf_centroids, encoded_trainset, x_train, x_val, outp
     """Train a :class:`~qinco2.ivfsearch.pairwise.PairwiseDecoder` on the training codes and raw rows,
     save it to ``output``; returns its MSE and that of plain additive decoding of the same
     codes (both on the training rows held out of fitting, times ``mse_scale``), and the MSE of
-    the IVF centroids alone on those rows."""
+    the IVF centroids alone on those rows. The training's scratch file goes beside ``output``."""
     enc = load_encoded(encoded_trainset, require_ivf=True)
     centroids = load_ivf_centroids(ivf_centroids, enc, encoded_trainset)
     x_ND, codes = training_rows(x_train, x_val, enc, encoded_trainset), enc["codes"]
     dec = PairwiseDecoder(n_pairs_per_step=n_pairs_per_step, K=enc["K"], seed=seed)
-    dec.train(codes, x_ND, centroids, progress=progress)
+    scratch = Path(output).resolve().parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    dec.train(codes, x_ND, centroids, progress=progress, scratch_dir=scratch)
     dec.save(output)
     n_hold = dec.n_holdout(len(codes))
     centroid_mse = centroids_only_mse(codes[:n_hold], x_ND[:n_hold], centroids)
