@@ -11,9 +11,11 @@ import json
 import sys
 import time
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 
 torch.set_num_threads(1); faiss.omp_set_num_threads(1)
 from qinco2 import DataLimits, QincoCodec, resolve_dataset

@@ -20,9 +20,11 @@ import platform
 import sys
 import time
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
 from qinco2.metrics import code_usage, knn, mse, recall_at

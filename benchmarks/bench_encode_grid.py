@@ -25,9 +25,11 @@ import os
 import sys
 import time
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_codecs import environment, quality

@@ -12,9 +12,11 @@ import json
 import statistics
 import time
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 from bench_codecs import environment
 
 from qinco2 import DataLimits, QincoCodec, resolve_dataset

@@ -49,9 +49,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 from bench_codecs import environment
 
 from qinco2 import ModelConfig, QincoCodec, TrainConfig, ivfpq

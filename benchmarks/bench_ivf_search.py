@@ -25,9 +25,11 @@ import os
 import time
 from pathlib import Path
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 from bench_codecs import QINCO_SETTINGS, environment
 
 from qinco2 import DataLimits, QincoCodec, resolve_dataset

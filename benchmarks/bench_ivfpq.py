@@ -25,9 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 from bench_codecs import environment
 
 from qinco2 import DataLimits, QincoCodec, ivfpq, resolve_dataset

@@ -5,11 +5,14 @@ Layers (imports point down only)::
     cli/                      the ``qinco2 task=...`` command line
     ivfsearch/   ivfpq/       product lines: IVF-QINCo2 search on faiss; IVF-PQ in torch
     codec/                    the QINCo2 / QINCo1 codec (ivfsearch builds on it)
-    errors, validation, formats, datasets, kmeans, ivf, rerank, ...   the shared layer
+    errors, validation, formats, datasets, kmeans, ivf, rerank, openmp, ...   the shared layer
 """
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
+from .openmp import warn_if_separate as _warn_if_separate  # first: torch, then faiss (one OpenMP runtime)
+
+# isort: split
 from .codec import PRESETS, ModelConfig, QincoCodec, TrainConfig, convert_codes, encode_to_file, load_encoded
 from .codec.faiss_export import to_faiss_index_qinco
 from .datasets import DataLimits, Dataset, make_synthetic, resolve_dataset
@@ -17,6 +20,8 @@ from .errors import ConfigError, DatasetError, InputError, ModelFileError, NotTr
 from .formats import count_vectors, open_vectors, read_vectors, verify_vectors, write_vectors
 from .ivf import assign_to_centroids, train_ivf_centroids
 from .ivfsearch import IVFQincoIndex
+
+_warn_if_separate()
 
 __all__ = [
     "QincoCodec", "ModelConfig", "TrainConfig", "PRESETS",

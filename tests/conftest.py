@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import torch  # before faiss: one OpenMP runtime for both (qinco2.openmp)
+
+# isort: split
 import faiss
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from qinco2.codec.codec import QincoCodec
