@@ -5,10 +5,14 @@ With 2 torch threads on 2 cores, a second busy process makes OpenMP threads that
 waiting for each other lose most of their time slices. This benchmark measures, in a fresh
 process per cell (the policy is read when OpenMP starts): `qinco2-S` training steps/s (M=8,
 batch 256, A=4 B=2, on the embedded synthetic set, D=64) and encoding vectors/s (A=16 B=8),
-with ``OMP_WAIT_POLICY`` unset (the library's default: spin, then sleep) or ``PASSIVE`` (sleep
-at once), each with and without a competing busy-loop process. JSON lines to ``--out``.
+under each OpenMP setting of ``--settings`` (``default``: none set, libgomp spins about 300,000
+times, then sleeps; ``OMP_WAIT_POLICY=PASSIVE``: sleep at once; ``GOMP_SPINCOUNT=n``: spin n
+times; several ``NAME=VALUE`` joined by commas), each with and without a competing busy-loop
+process; ``--kinds search`` adds IVF-PQ searches of 200 queries at one probe (256 lists, PQ16:
+torch's coarse step, then faiss's scan, in turns: two OpenMP runtimes). JSON lines to ``--out``.
 
     python benchmarks/bench_busy_core.py --threads 2 --seconds 15
+    python benchmarks/bench_busy_core.py --settings default GOMP_SPINCOUNT=10000 GOMP_SPINCOUNT=1000
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ("default", "PASSIVE")
+SETTINGS = ("default", "OMP_WAIT_POLICY=PASSIVE")
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _rate(fn, probe: int, seconds: float) -> tuple[float, int]:
@@ -49,6 +54,20 @@ def worker(kind: str, threads: int, seconds: float) -> dict:
     ds = make_synthetic()
     x_train, x_val = ds.train_val(DataLimits(valset=256))     # 59,744 rows: 233 batches per epoch
     x_train = np.ascontiguousarray(x_train, dtype=np.float32)
+    if kind == "search":                    # torch's coarse step, then faiss's scan, per batch
+        from qinco2 import ivfpq
+
+        index = ivfpq.build(ivfpq.IndexParams(n_lists=256, pq_dim=16), x_train)
+        q = np.ascontiguousarray(x_val[:200])
+        sp = ivfpq.SearchParams(n_probes=1)
+
+        def batches(n):
+            for _ in range(n):
+                ivfpq.search(sp, index, q, 10)
+            return n
+        rate, n = _rate(batches, 20, seconds)
+        return {"what": "ivfpq_search", "queries_per_s": rate * len(q), "queries": n * len(q), "n_probes": 1,
+                "batch": len(q)}
     codec = QincoCodec.from_preset("qinco2-S", M=8, A=4, B=2, batch=256, loop=256, max_epochs=1, seed=0)
     codec.train(x_train[:20_000], x_val, progress=False)     # RQ initialisation and one step
     if kind == "train":
@@ -62,11 +81,20 @@ def worker(kind: str, threads: int, seconds: float) -> dict:
     return {"what": "encode", "vectors_per_s": rate, "rows": n, "A": 16, "B": 8}
 
 
-def run_cell(kind: str, policy: str, loaded: bool, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy
+def setting_env(setting: str) -> dict[str, str]:
+    """The OpenMP variables of a ``--settings`` value: ``default`` or ``NAME=VALUE[,NAME=VALUE]``."""
+    if setting == "default":
+        return {}
+    pairs = [item.split("=", 1) for item in setting.split(",")]
+    if any(len(pair) != 2 or pair[0] not in OMP_VARIABLES for pair in pairs):
+        raise SystemExit(f"--settings {setting!r}: use 'default' or NAME=VALUE pairs joined by commas, "
+                         f"NAME one of {', '.join(OMP_VARIABLES)}")
+    return dict(pairs)
+
+
+def run_cell(kind: str, setting: str, loaded: bool, args) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
+    env.update(PYTHONPATH=str(ROOT), **setting_env(setting))
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
     try:
         done = subprocess.run([sys.executable, __file__, "--worker", kind, "--threads", str(args.threads),
@@ -77,18 +105,23 @@ def run_cell(kind: str, policy: str, loaded: bool, args) -> dict:
             load.wait()
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "omp_wait_policy": policy,
-            "other_busy_process": loaded}
+    omp = setting_env(setting)
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "omp_setting": setting,
+            "omp_wait_policy": omp.get("OMP_WAIT_POLICY", "default"), "other_busy_process": loaded}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--kinds", nargs="+", default=["train", "encode"])
+    p.add_argument("--kinds", nargs="+", default=["train", "encode"], choices=["train", "encode", "search"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                   help="OpenMP settings, one process each: 'default' or NAME=VALUE[,NAME=VALUE]")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "busy_core.jsonl"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for setting in args.settings:
+        setting_env(setting)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads, args.seconds)))
         return
@@ -99,12 +132,12 @@ def main() -> None:
     with open(args.out, "a") as f:
         for kind in args.kinds:
             for loaded in (False, True):
-                for policy in POLICIES:
-                    row = {"bench": "busy_core", **run_cell(kind, policy, loaded, args), **env}
+                for setting in args.settings:
+                    row = {"bench": "busy_core", **run_cell(kind, setting, loaded, args), **env}
                     f.write(json.dumps(row) + "\n")
                     f.flush()
-                    rate = row.get("steps_per_s") or row.get("vectors_per_s")
-                    print(f"{kind:6s} policy={policy:8s} other busy process={loaded!s:5s}: {rate:,.1f}/s",
+                    rate = row.get("steps_per_s") or row.get("vectors_per_s") or row.get("queries_per_s")
+                    print(f"{kind:6s} {setting:24s} other busy process={loaded!s:5s}: {rate:,.1f}/s",
                           flush=True)
 
 
