@@ -1,23 +1,26 @@
 """Training and encoding throughput on an idle machine and with another process busy on one
-core, under each OpenMP wait policy.
+core, under each thread setting.
 
 With 2 torch threads on 2 cores, a second busy process makes OpenMP threads that spin while
 waiting for each other lose most of their time slices. This benchmark measures, in a fresh
-process per cell (the policy is read when OpenMP starts): `qinco2-S` training steps/s (M=8,
+process per cell (OpenMP reads its variables when it starts): `qinco2-S` training steps/s (M=8,
 batch 256, A=4 B=2, on the embedded synthetic set, D=64) and encoding vectors/s (A=16 B=8),
-under each OpenMP setting of ``--settings`` (``default``: none set, libgomp spins about 300,000
-times, then sleeps; ``OMP_WAIT_POLICY=PASSIVE``: sleep at once; ``GOMP_SPINCOUNT=n``: spin n
-times; several ``NAME=VALUE`` joined by commas), each with and without a competing busy-loop
-process; ``--kinds search`` adds IVF-PQ searches of 200 queries at one probe (256 lists, PQ16:
-torch's coarse step, then faiss's scan, in turns: two OpenMP runtimes). JSON lines to ``--out``.
+under each setting of ``--settings`` (``default``: nothing set, so qinco2 adapts its thread count
+to the free cores (:mod:`qinco2.threads`) and libgomp spins about 300,000 times before it sleeps;
+``QINCO2_ADAPTIVE_THREADS=0``: a fixed thread count; ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads
+sleep at once; ``GOMP_SPINCOUNT=n``: spin n times; several ``NAME=VALUE`` joined by commas), each
+with and without a competing busy-loop process; ``--kinds search`` adds IVF-PQ searches of 200
+queries at one probe (256 lists, PQ16). ``--repeats`` runs the whole grid again, interleaved.
+JSON lines to ``--out`` (with the thread changes qinco2 made and its last choice).
 
-    python benchmarks/bench_busy_core.py --threads 2 --seconds 15
+    python benchmarks/bench_busy_core.py --threads 2 --seconds 8 --repeats 3
     python benchmarks/bench_busy_core.py --settings default GOMP_SPINCOUNT=10000 GOMP_SPINCOUNT=1000
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -26,8 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("default", "OMP_WAIT_POLICY=PASSIVE")
-OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SETTINGS = ("default", "QINCO2_ADAPTIVE_THREADS=0", "OMP_WAIT_POLICY=PASSIVE")
+ENV_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "QINCO2_ADAPTIVE_THREADS")
 
 
 def _rate(fn, probe: int, seconds: float) -> tuple[float, int]:
@@ -86,14 +89,14 @@ def setting_env(setting: str) -> dict[str, str]:
     if setting == "default":
         return {}
     pairs = [item.split("=", 1) for item in setting.split(",")]
-    if any(len(pair) != 2 or pair[0] not in OMP_VARIABLES for pair in pairs):
+    if any(len(pair) != 2 or pair[0] not in ENV_VARIABLES for pair in pairs):
         raise SystemExit(f"--settings {setting!r}: use 'default' or NAME=VALUE pairs joined by commas, "
-                         f"NAME one of {', '.join(OMP_VARIABLES)}")
+                         f"NAME one of {', '.join(ENV_VARIABLES)}")
     return dict(pairs)
 
 
 def run_cell(kind: str, setting: str, loaded: bool, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
     env.update(PYTHONPATH=str(ROOT), **setting_env(setting))
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
     try:
@@ -114,6 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--repeats", type=int, default=1, help="the whole grid this many times, interleaved")
     p.add_argument("--kinds", nargs="+", default=["train", "encode"], choices=["train", "encode", "search"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS),
                    help="OpenMP settings, one process each: 'default' or NAME=VALUE[,NAME=VALUE]")
@@ -123,22 +127,25 @@ def main() -> None:
     for setting in args.settings:
         setting_env(setting)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads, args.seconds)))
+        from qinco2 import threads
+
+        row = worker(args.worker, args.threads, args.seconds)
+        print(json.dumps({**row, "thread_changes": threads.GOVERNOR.changes,
+                          "threads_at_end": threads.GOVERNOR.decision}))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_codecs import environment
 
     env = environment(args.threads)
     with open(args.out, "a") as f:
-        for kind in args.kinds:
-            for loaded in (False, True):
-                for setting in args.settings:
-                    row = {"bench": "busy_core", **run_cell(kind, setting, loaded, args), **env}
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    rate = row.get("steps_per_s") or row.get("vectors_per_s") or row.get("queries_per_s")
-                    print(f"{kind:6s} {setting:24s} other busy process={loaded!s:5s}: {rate:,.1f}/s",
-                          flush=True)
+        for repeat, kind, loaded, setting in itertools.product(range(args.repeats), args.kinds, (False, True),
+                                                                args.settings):
+            row = {"bench": "busy_core", **run_cell(kind, setting, loaded, args), "repeat": repeat, **env}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            rate = row.get("steps_per_s") or row.get("vectors_per_s") or row.get("queries_per_s")
+            print(f"{kind:6s} {setting:28s} other busy process={loaded!s:5s}: {rate:,.1f}/s "
+                  f"(thread changes {row['thread_changes']}, at the end {row['threads_at_end']})", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Layers (imports point down only)::
     cli/                      the ``qinco2 task=...`` command line
     ivfsearch/   ivfpq/       product lines: IVF-QINCo2 search on faiss; IVF-PQ in torch
     codec/                    the QINCo2 / QINCo1 codec (ivfsearch builds on it)
-    errors, validation, formats, datasets, kmeans, ivf, rerank, openmp, ...   the shared layer
+    errors, validation, formats, datasets, kmeans, ivf, rerank, openmp, threads, ...   the shared layer
 """
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)

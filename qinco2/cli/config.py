@@ -106,6 +106,8 @@ class CliArgs:
     time_schedule: bool = _key(False, "spread warm-up and cosine schedule over max_time_s, not over epochs")
     small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
     threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
+    adaptive_threads: bool = _key(True, "use fewer CPU threads while other processes keep cores busy "
+                                  "(false, or QINCO2_ADAPTIVE_THREADS=0: never)")
     data_root: Optional[str] = _key(None, "folder of the named data sets (null = $QINCO2_DATA, ./data, ...)")
 
 

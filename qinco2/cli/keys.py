@@ -12,7 +12,8 @@ from ..errors import ConfigError
 from .common import format_value
 from .config import ARCH_KEYS, GRID_KEYS, TRAIN_KEYS, CliArgs, default_value, key_doc
 
-COMMON_KEYS = ("task", "verbose", "progress", "cpu", "threads")     # read by the CLI's setup for every task
+# read by the CLI's setup for every task
+COMMON_KEYS = ("task", "verbose", "progress", "cpu", "threads", "adaptive_threads")
 DATA_KEYS = ("db", "trainset", "queries", "queries_gt", "data_root")   # open_dataset
 TRAIN_SPLIT = ("ds.valset", "ds.trainset")      # Dataset.train_val
 DB_SPLIT = ("ds.db",)                           # Dataset.database, db_rows=

@@ -78,6 +78,10 @@ def _setup(args: CliArgs) -> str:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+    if not args.adaptive_threads:
+        from .. import threads
+
+        threads.set_enabled(False)
     from ..distributed import Workers
 
     _, launched_device = Workers.from_environment(cpu=args.cpu)  # launched: this rank's device

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import threads
 from .model import QincoModel, Step, StepNetwork
 from .precision import check_precision, compute_dtype, matmul_precision
 
@@ -126,6 +127,7 @@ def _search_beams(model: QincoModel, runners: list[StepRunner | None], u_ND: tor
     codes_NBm = torch.zeros(N, 1, 0, dtype=torch.long, device=u_ND.device)
     rows_N1 = torch.arange(N, device=u_ND.device)[:, None]
     for m, step in enumerate(model.steps):
+        threads.tick()
         last = m == len(model.steps) - 1
         beams_out = 1 if (last or step.frozen) else B
         cand_NBA, scores_NBA, y_NBAD = _expand_step(step, runners[m], u_ND, xhat_NBD, A, beams_out)
@@ -211,8 +213,9 @@ def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int, max_bytes: 
     max_bytes = default_max_bytes(u_ND.device) if max_bytes is None else max_bytes
     chunk = max(1, max_bytes // bytes_per_vector(model, A, B))
     runners = prepare_steps(model, precision)
-    if u_ND.shape[0] <= chunk:
-        return _beam_search(model, runners, u_ND, A, B, precision)
-    parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
-             for i in range(0, u_ND.shape[0], chunk)]
+    with threads.adaptive():        # fewer threads while other processes keep cores busy
+        if u_ND.shape[0] <= chunk:
+            return _beam_search(model, runners, u_ND, A, B, precision)
+        parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
+                 for i in range(0, u_ND.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import threads
 from ..checkpoint import save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError
@@ -116,9 +117,8 @@ def cosine_factor(t: float, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: QincoModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -126,7 +126,6 @@ def make_optimizer(model: QincoModel, cfg: TrainConfig) -> torch.optim.Optimizer
 @dataclass
 class TrainState:
     """Counters that make a run resumable (stored in the checkpoint)."""
-
     epoch: int = 0                  # next epoch to run
     best_mse: float = math.inf
     best_epoch: int = -1
@@ -183,7 +182,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches):     # encode() calls threads.tick()
         with workers.synced(f"training on batch {i + 1} of epoch {state.epoch}"):    # no collective inside
             u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
             codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
@@ -267,6 +266,7 @@ def _stop_reason(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> st
     return None
 
 
+@threads.adapting     # fewer CPU threads while other processes keep cores busy
 def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
         mse_scale: float = 1.0, output=None, resume: dict | None = None,
         progress: bool = True, workers: Workers = Workers()) -> TrainState:
