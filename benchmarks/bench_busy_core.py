@@ -84,6 +84,27 @@ def worker(kind: str, threads: int, seconds: float) -> dict:
     return {"what": "encode", "vectors_per_s": rate, "rows": n, "A": 16, "B": 8}
 
 
+def governor_overhead(n_ticks: int = 200_000, n_samples: int = 2_000) -> dict:
+    """What the thread adaptation costs an idle machine: µs per ``tick()`` between measures and per
+    measure (a read of ``/proc/stat``, once a second), so the share of a second it takes at one
+    tick per encoded batch step."""
+    from qinco2.threads import PERIOD_S, Governor, read_sample
+
+    g = Governor(enabled=True, set_threads=lambda n: None)
+    with g.adaptive():
+        g.next_s = float("inf")                         # never due: the cost of a plain tick
+        t0 = time.perf_counter()
+        for _ in range(n_ticks):
+            g.tick()
+        tick_us = (time.perf_counter() - t0) / n_ticks * 1e6
+    t0 = time.perf_counter()
+    for _ in range(n_samples):
+        read_sample()
+    sample_us = (time.perf_counter() - t0) / n_samples * 1e6
+    return {"what": "governor_overhead", "tick_us": tick_us, "sample_us": sample_us, "period_s": PERIOD_S,
+            "share_at_1000_ticks_per_s": (1000 * tick_us + sample_us / PERIOD_S) / 1e6}
+
+
 def setting_env(setting: str) -> dict[str, str]:
     """The OpenMP variables of a ``--settings`` value: ``default`` or ``NAME=VALUE[,NAME=VALUE]``."""
     if setting == "default":
@@ -138,6 +159,10 @@ def main() -> None:
 
     env = environment(args.threads)
     with open(args.out, "a") as f:
+        overhead = {"bench": "busy_core", **governor_overhead(), **env}
+        f.write(json.dumps(overhead) + "\n")
+        print(f"thread adaptation: {overhead['tick_us']:.2f} µs per tick, {overhead['sample_us']:.1f} µs per "
+              f"measure: {overhead['share_at_1000_ticks_per_s']:.4%} of the time at 1,000 ticks/s", flush=True)
         for repeat, kind, loaded, setting in itertools.product(range(args.repeats), args.kinds, (False, True),
                                                                 args.settings):
             row = {"bench": "busy_core", **run_cell(kind, setting, loaded, args), "repeat": repeat, **env}
