@@ -139,6 +139,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=1, help="the whole grid this many times, interleaved")
+    p.add_argument("--loads", nargs="+", default=["idle", "busy"], choices=["idle", "busy"],
+                   help="without / with the other busy process")
     p.add_argument("--kinds", nargs="+", default=["train", "encode"], choices=["train", "encode", "search"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS),
                    help="OpenMP settings, one process each: 'default' or NAME=VALUE[,NAME=VALUE]")
@@ -163,7 +165,8 @@ def main() -> None:
         f.write(json.dumps(overhead) + "\n")
         print(f"thread adaptation: {overhead['tick_us']:.2f} µs per tick, {overhead['sample_us']:.1f} µs per "
               f"measure: {overhead['share_at_1000_ticks_per_s']:.4%} of the time at 1,000 ticks/s", flush=True)
-        for repeat, kind, loaded, setting in itertools.product(range(args.repeats), args.kinds, (False, True),
+        loads = [load == "busy" for load in args.loads]
+        for repeat, kind, loaded, setting in itertools.product(range(args.repeats), args.kinds, loads,
                                                                 args.settings):
             row = {"bench": "busy_core", **run_cell(kind, setting, loaded, args), "repeat": repeat, **env}
             f.write(json.dumps(row) + "\n")
