@@ -7,7 +7,7 @@ same ``kmeans_trainset_fraction`` sample, the same iterations, PQ trained on at 
 same threads. Each operating point is one JSON line of ``--out``: 10-recall@10 (the
 fraction of the 10 true neighbours found, cuVS's "recall"), R@1 / R@10 (the true nearest
 neighbour among the first 1 / 10), queries per second (median of ``--repeats`` timed runs
-after a warm-up) and the bytes per vector.
+after a warm-up, the indexes of one ``n_probes`` timed in turns) and the bytes per vector.
 
 Our index is searched with each ``--cpu-scans`` value (``qinco2.ivfpq.SearchParams.cpu_scan``):
 ``auto`` (the default: faiss's IVF-PQ scan over our lists on the CPU) and ``torch`` (the torch
@@ -38,14 +38,18 @@ from qinco2.metrics import neighbor_recall, recall_at
 PROBES = (1, 2, 5, 10, 20, 50, 100, 200)
 
 
-def timed_median(fn, repeats: int):
-    fn()                                                            # warm-up
-    times, out = [], None
+def timed_in_turns(fns, repeats: int) -> list[tuple[object, float]]:
+    """Each function's last output and median time over ``repeats`` runs after a warm-up, the
+    functions timed in turns (one run of each per round), so that a slow spell of the machine
+    falls on all of them alike."""
+    outs = [fn() for fn in fns]                                      # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [(out, statistics.median(t)) for out, t in zip(outs, times)]
 
 
 def quality(ids, gt, k: int) -> dict:
@@ -144,35 +148,34 @@ def main() -> None:
         faiss_build = time.perf_counter() - t0
         code_bytes = pq_dim + 8                                   # PQ code + int64 id
         for n_probes in [n for n in args.probes if n <= args.n_lists]:
-            for cpu_scan in args.cpu_scans:
-                sp = ivfpq.SearchParams(n_probes=n_probes, cpu_scan=cpu_scan)
-                (_, ids), t = timed_median(lambda: ivfpq.search(sp, ours, xq, args.k), args.repeats)
-                scan = "" if cpu_scan == "auto" else f" ({cpu_scan} scan)"
-                emit({"index": f"qinco2.ivfpq IVF{args.n_lists},PQ{pq_dim}x8{scan}", "impl": "ours", "pq_dim": pq_dim,
-                      "cpu_scan": cpu_scan, "n_probes": n_probes, "qps": len(xq) / t, "build_s": ours_build,
-                      "index_bytes": ours.nbytes(), "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
             sp = ivfpq.SearchParams(n_probes=n_probes)
             fp = faiss.SearchParametersIVF(nprobe=n_probes)
-            (_, ids), t = timed_median(lambda: ref.search(xq, args.k, params=fp), args.repeats)
-            emit({"index": f"faiss {faiss_factory(xb.shape[1], args.n_lists, pq_dim)}", "impl": "faiss",
-                  "pq_dim": pq_dim, "n_probes": n_probes, "qps": len(xq) / t, "build_s": faiss_build,
-                  "bytes_per_vector": code_bytes, **quality(ids, gt, args.k)})
+            cells = []                                   # (search function, row): timed in turns
+            for cpu_scan in args.cpu_scans:
+                sp_scan = ivfpq.SearchParams(n_probes=n_probes, cpu_scan=cpu_scan)
+                scan = "" if cpu_scan == "auto" else f" ({cpu_scan} scan)"
+                cells.append((lambda sp_scan=sp_scan: ivfpq.search(sp_scan, ours, xq, args.k)[1], {
+                    "index": f"qinco2.ivfpq IVF{args.n_lists},PQ{pq_dim}x8{scan}", "impl": "ours", "pq_dim": pq_dim,
+                    "cpu_scan": cpu_scan, "n_probes": n_probes, "build_s": ours_build, "index_bytes": ours.nbytes(),
+                    "bytes_per_vector": code_bytes}))
+            cells.append((lambda: ref.search(xq, args.k, params=fp)[1], {
+                "index": f"faiss {faiss_factory(xb.shape[1], args.n_lists, pq_dim)}", "impl": "faiss",
+                "pq_dim": pq_dim, "n_probes": n_probes, "build_s": faiss_build, "bytes_per_vector": code_bytes}))
             for ratio in args.refine_ratios:
-                (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
-                    sp, ours, xq, args.k, refine_ratio=ratio, dataset=xb), args.repeats)
-                emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + refine raw x{ratio:g}", "impl": "ours+raw",
-                      "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "qps": len(xq) / t,
-                      "bytes_per_vector": code_bytes, "host_bytes_per_vector": 4 * xb.shape[1],
-                      **quality(ids, gt, args.k)})
+                cells.append((lambda ratio=ratio: ivfpq.search_and_refine(
+                    sp, ours, xq, args.k, refine_ratio=ratio, dataset=xb)[1], {
+                    "index": f"qinco2.ivfpq PQ{pq_dim}x8 + refine raw x{ratio:g}", "impl": "ours+raw",
+                    "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "bytes_per_vector": code_bytes,
+                    "host_bytes_per_vector": 4 * xb.shape[1]}))
                 for model, codec, codes, nbytes, ab in refiners if pq_dim in args.qinco_pq_dims else []:
-                    (_, ids), t = timed_median(lambda: ivfpq.search_and_refine(
-                        sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes), args.repeats)
                     kind = "IVF-QINCo2" if codec.model_config.ivf_K else "QINCo2"
-                    emit({"index": f"qinco2.ivfpq PQ{pq_dim}x8 + {kind} {nbytes}B x{ratio:g}",
-                          "impl": "ours+qinco2", "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio,
-                          "qinco_model": model, "qinco_AB": ab, "qps": len(xq) / t,
-                          "bytes_per_vector": code_bytes + nbytes, **quality(ids, gt, args.k)})
-
+                    cells.append((lambda ratio=ratio, codec=codec, codes=codes: ivfpq.search_and_refine(
+                        sp, ours, xq, args.k, refine_ratio=ratio, codec=codec, codes=codes)[1], {
+                        "index": f"qinco2.ivfpq PQ{pq_dim}x8 + {kind} {nbytes}B x{ratio:g}", "impl": "ours+qinco2",
+                        "pq_dim": pq_dim, "n_probes": n_probes, "refine_ratio": ratio, "qinco_model": model,
+                        "qinco_AB": ab, "bytes_per_vector": code_bytes + nbytes}))
+            for (_, row), (ids, t) in zip(cells, timed_in_turns([fn for fn, _ in cells], args.repeats)):
+                emit({**row, "qps": len(xq) / t, "repeats": args.repeats, **quality(ids, gt, args.k)})
 
 if __name__ == "__main__":
     main()
