@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-# Architecture fields of each preset (training fields live in train.PRESET_TRAINING).
+# Architecture fields of each preset (training fields live in train_config.PRESET_TRAINING).
 PRESETS: dict[str, dict] = {
     "qinco1": dict(L=16, de=None, dh=256, A=0, B=1, M=8, K=256,
                    codeword_skip=False, zero_init=False),

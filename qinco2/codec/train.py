@@ -25,86 +25,10 @@ from .model import QincoModel
 from .resets import reset_after_batch, reset_unused_codewords
 from .rq_init import fit_normalization as fit_normalization
 from .rq_init import initialize as initialize
+from .train_config import PRESET_TRAINING as PRESET_TRAINING
+from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-PRESET_TRAINING: dict[str, dict] = {
-    "qinco1": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, grad_clip=None, scheduler="plateau", patience=20,
-                   init_noise=0.0, codeword_reset=False, normalization="max_abs", full_epochs=True),
-    "qinco2-S": {}, "qinco2-M": {}, "qinco2-L": {},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; defaults are those of the QINCo2 presets."""
-
-    lr: float = 8e-4
-    optimizer: str = "adamw"            # "adamw" | "adam"
-    weight_decay: float = 0.1
-    grad_clip: float | None = 0.1       # element-wise value clipping
-    batch: int = 1024
-    grad_accumulate: int = 1
-    epochs: int = 60                    # length of the cosine schedule
-    ramp_epochs: int = 3
-    lr_min_factor: float = 1e-3
-    scheduler: str = "cosine"           # "cosine" | "plateau"
-    patience: int = 10
-    loop: int = 10_000_000              # samples per epoch (window over the training set)
-    full_epochs: bool = False           # epoch = one pass over the whole training set
-    init_noise: float = 0.1
-    init_samples: int = 1_000_000
-    codeword_reset: bool = True
-    reset_every: int = 20               # batches between codeword resets (see .resets); <= 0: per epoch
-    normalization: str = "mean_std"     # "mean_std" (QINCo2) | "max_abs" (QINCo1)
-    amp: bool = True                    # fp16 autocast, CUDA only
-    seed: int = 0
-    max_time_s: float | None = None     # wall-clock budget; stops after the current batch
-    time_schedule: bool = False         # spread warm-up + cosine over max_time_s, not over epochs
-    max_epochs: int | None = None
-    tensorboard: str | None = None
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
-        """The training settings of preset ``name`` with ``overrides``, validated."""
-        if name not in PRESET_TRAINING:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESET_TRAINING)}")
-        return cls(**{**PRESET_TRAINING[name], **overrides}).validated()
-
-    def validated(self) -> "TrainConfig":
-        """``self``, or :class:`ConfigError` naming the first setting out of its range."""
-        for name, rule in _RANGES.items():
-            value = getattr(self, name)
-            if not (value is None and name in _OPTIONAL) and not _in_range(value, rule):
-                kind = "whole number" if rule.startswith("int") else "number"
-                raise ConfigError(f"training setting {name}={value!r} is invalid; {name} must be a {kind} "
-                                  f"{rule.removeprefix('int ')}{' (or None)' * (name in _OPTIONAL)}")
-        if self.optimizer not in ("adamw", "adam"):
-            raise ConfigError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
-        if self.scheduler not in ("cosine", "plateau"):
-            raise ConfigError(f"scheduler must be 'cosine' or 'plateau', got {self.scheduler!r}")
-        if self.normalization not in ("mean_std", "max_abs"):
-            raise ConfigError(f"normalization must be 'mean_std' or 'max_abs', got {self.normalization!r}")
-        if self.time_schedule and not self.max_time_s:
-            raise ConfigError("time_schedule=true needs a time budget: set max_time_s")
-        return self
-
-
-# the range of each numeric setting ("int": a whole number); those of _OPTIONAL may be None
-_RANGES = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "batch": "int >= 1",
-           "grad_accumulate": "int >= 1", "epochs": "int >= 1", "ramp_epochs": "int >= 0",
-           "lr_min_factor": ">= 0", "patience": "int >= 1", "loop": "int >= 1", "init_noise": ">= 0",
-           "init_samples": "int >= 1", "seed": "int >= 0", "max_time_s": "> 0", "max_epochs": "int >= 1"}
-_OPTIONAL = {"grad_clip", "max_time_s", "max_epochs"}
-
-
-def _in_range(value, rule: str) -> bool:
-    *whole, op, bound = rule.split()
-    types = (int, np.integer) if whole else (int, float, np.integer, np.floating)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, types) or not math.isfinite(value):
-        return False
-    return value > float(bound) if op == ">" else value >= float(bound)
-
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -178,18 +102,19 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     rng = np.random.default_rng([cfg.seed, state.epoch])
     n_batches = bar.total
     usage = [None if s.frozen else torch.zeros(s.K, dtype=torch.long, device=device) for s in model.steps]
-    use_amp = cfg.amp and device.type == "cuda"
+    amp = _amp_dtype(cfg, device)
+    precision = "bf16" if amp == torch.bfloat16 else "fp32"     # of the beam search that picks the codes
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):     # encode() calls threads.tick()
         with workers.synced(f"training on batch {i + 1} of epoch {state.epoch}"):    # no collective inside
             u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
-            codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B)
+            codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B, precision=precision)
             for m, used in enumerate(usage):
                 if used is not None:
                     used += torch.bincount(codes[:, m], minlength=used.numel())
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss_rec, loss_pre = model.losses(u, codes)
             losses.append(loss_rec.item() + loss_pre.item())
         _check_loss(run, losses[-1], i, n_batches)
@@ -212,6 +137,14 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
             break
     loss = workers.all_reduce_(torch.tensor([float(np.mean(losses)) if losses else math.nan], device=device), "mean")
     return float(loss[0]), resets, out_of_time
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training steps: float16 on CUDA (``amp``), bfloat16 on the CPU
+    (``cpu_bf16``), else None (float32)."""
+    if device.type == "cuda":
+        return torch.float16 if cfg.amp else None
+    return torch.bfloat16 if cfg.cpu_bf16 and device.type == "cpu" else None
 
 
 def _optimizer_step(run: _Run, lr: float | None) -> None:
