@@ -201,6 +201,7 @@ def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
 
 
 @torch.no_grad()
+@threads.adapting     # fewer CPU threads while other processes keep cores busy
 def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int, max_bytes: int | None = None,
            precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`beam_search` over chunks of rows so that the working memory stays under ``max_bytes``
@@ -213,9 +214,8 @@ def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int, max_bytes: 
     max_bytes = default_max_bytes(u_ND.device) if max_bytes is None else max_bytes
     chunk = max(1, max_bytes // bytes_per_vector(model, A, B))
     runners = prepare_steps(model, precision)
-    with threads.adaptive():        # fewer threads while other processes keep cores busy
-        if u_ND.shape[0] <= chunk:
-            return _beam_search(model, runners, u_ND, A, B, precision)
-        parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
-                 for i in range(0, u_ND.shape[0], chunk)]
+    if u_ND.shape[0] <= chunk:
+        return _beam_search(model, runners, u_ND, A, B, precision)
+    parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
+             for i in range(0, u_ND.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

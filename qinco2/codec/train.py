@@ -274,7 +274,7 @@ def _start_run(model: QincoModel, cfg: TrainConfig, resume: dict | None, workers
     opt = make_optimizer(model, cfg)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, factor=0.1, patience=10, threshold=1e-10, min_lr=cfg.lr * 1e-2) if cfg.scheduler == "plateau" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(cfg, device) == torch.float16)
     if resume is None:
         state = TrainState()
         workers.broadcast_module_(model)                       # one initialisation for all
