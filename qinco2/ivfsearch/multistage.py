@@ -30,6 +30,7 @@ from ..metrics import recall_at
 from ..progress import progress_bar
 from ..rerank import exact_rerank
 from ..validation import check_codes, check_vectors
+from . import shortlist_scan
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ def multistage_knn(index, codec, db_codes, queries, params: SearchParams, *, pai
     times = dict.fromkeys(TIMERS, 0.0)
 
     t0 = time.perf_counter()
-    hnsw_params = faiss.SearchParametersHNSW(efSearch=params.quantizer_efSearch)
-    ivf_params = faiss.SearchParametersIVF(nprobe=params.nprobe, quantizer_params=hnsw_params)
-    dist, ids = index.search(q_QD, n1, params=ivf_params)
+    dist, ids = shortlist_scan.search(index, q_QD, n1, params.nprobe, params.quantizer_efSearch)
     times["t_search"] = time.perf_counter() - t0
 
     if pairwise is not None and params.nmid_short > 1 and n1 > nshort:
