@@ -170,11 +170,13 @@ def run_ours(args, work: Path, xq, gt) -> dict[str, list[dict]]:
     index = load_index(work / "index.faissindex", model_sha=model_sha(codec), n_db=len(db_codes))
     pairwise = PairwiseDecoder.load(work / "pairwise.pt")
     out = {}
+    bf16 = args.decode_precision == "bf16"
     for label, pw in (("IVF-QINCo2", None), ("IVF-QINCo2 + pairwise", pairwise)):
-        log_path = work / f"sweep_{'pairwise' if pw else 'plain'}.json"
+        log_path = work / f"sweep_{'pairwise' if pw else 'plain'}{'_bf16' if bf16 else ''}.json"
         grid = dict(OUR_GRID, nprobe=[p for p in OUR_GRID["nprobe"] if p <= args.ivf_K])
+        label += ", bf16 decoding" if bf16 else ""
         out[label] = sweep(index, codec, db_codes, xq, gt, grid, pairwise=pw, log_path=log_path,
-                           resume=True, threads=args.threads, progress=True)
+                           resume=True, threads=args.threads, progress=True, decode_precision=args.decode_precision)
     return out
 
 
@@ -280,6 +282,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-min-s", type=float, default=0.5,
                    help="each setting is searched at least 3 times and for at least this many seconds")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="arithmetic of the QINCo2 decoding in the re-rank (curves labelled ', bf16 decoding')")
     p.add_argument("--stages-only", action="store_true", help="build the pipeline files, search nothing")
     p.add_argument("--stop-after", choices=["encode"], default=None,
                    help="encode: stop once the model and the codes exist (e.g. made on a GPU; the rest on the CPU)")

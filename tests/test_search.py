@@ -203,3 +203,16 @@ def test_plot_pareto_writes_png(tmp_path):
     plot_pareto({"IVF-QINCo2": ours, "faiss IVF-PQ": baseline}, path, title="tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["pareto.png"]
+
+
+def test_bf16_decoding_in_the_rerank(env, monkeypatch):
+    """``decode_precision`` reaches the codec's decoder; bf16 re-ranks to (nearly) the same ids."""
+    seen = []
+    real = env["codec"].decode
+    monkeypatch.setattr(env["codec"], "decode", lambda codes, **kw: seen.append(kw) or real(codes, **kw))
+    params = SearchParams(nprobe=C, quantizer_efSearch=16, nshort=50)
+    fp32, _ = multistage_search(env["index"], env["codec"], env["db_codes"], env["queries"], params)
+    bf16, _ = multistage_search(env["index"], env["codec"], env["db_codes"], env["queries"], params,
+                                decode_precision="bf16")
+    assert [kw["precision"] for kw in seen] == ["fp32", "bf16"]
+    assert (fp32[:, :10] == bf16[:, :10]).mean() > 0.9       # near-ties may swap

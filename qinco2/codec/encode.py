@@ -101,6 +101,21 @@ def prepare_steps(model: QincoModel, precision: str = "fp32") -> list[StepRunner
     return runners
 
 
+@torch.no_grad()
+def decode_prepared(model: QincoModel, runners: list[StepRunner | None], codes_NM: torch.Tensor) -> torch.Tensor:
+    """:meth:`QincoModel.decode` by the steps of :func:`prepare_steps`: the codeword embeddings
+    looked up instead of computed per vector, the networks in the runners' dtype, the
+    reconstruction summed in the model's dtype (fp32 runners: the same values as ``model.decode``
+    up to float rounding)."""
+    xhat_ND = torch.zeros(codes_NM.shape[0], model.cfg.D, device=codes_NM.device,
+                          dtype=model.steps[0].codebook.dtype)
+    for m in range(codes_NM.shape[1]):
+        step, runner, c_N = model.steps[m], runners[m], codes_NM[:, m]
+        delta = step.codebook[c_N] if runner is None else runner.delta(step.codebook, c_N, xhat_ND)
+        xhat_ND = xhat_ND + delta.to(xhat_ND.dtype)
+    return xhat_ND
+
+
 def _expand_step(step: Step, runner: StepRunner | None, u_ND, xhat_NBD, A: int, beams_out: int):
     """Score every (beam, candidate) pair: returns codes (N,B,A') and new reconstructions."""
     N, n_beams, D = xhat_NBD.shape
