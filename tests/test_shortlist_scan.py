@@ -45,7 +45,8 @@ def _assert_same(index, q, k, nprobe, rtol):
 
 
 @pytest.mark.parametrize("nprobe", [1, 3, C])
-def test_l2_scan_matches_faiss(data, nprobe):
+def test_l2_scan_matches_faiss(data, nprobe, monkeypatch):
+    monkeypatch.setattr(shortlist_scan, "QUERY_BATCH", 7 if nprobe == 3 else 4096)    # batches of queries too
     index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"], progress=False)
     assert shortlist_scan.scanner(index) is not None
     _assert_same(index, data["queries"], 20, nprobe, rtol=1e-5)
