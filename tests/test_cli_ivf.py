@@ -116,6 +116,18 @@ def test_build_index_and_search_with_resume(capsys, chain, built):
     assert again["n_new_runs"] == 0 and again["n_runs"] == r["n_runs"]
 
 
+def test_search_precision_reaches_the_rerank_decoding(capsys, chain, built, tmp_path, monkeypatch):
+    from qinco2.codec.codec import QincoCodec
+    seen, real = [], QincoCodec.decode
+    monkeypatch.setattr(QincoCodec, "decode", lambda self, codes, **kw: seen.append(kw.get("precision")) or
+                        real(self, codes, **kw))
+    argv = [*_search_args(chain, chain["A"], chain["A_db"], built["index"]), "nprobe=2", "nshort=5",
+            f"output={tmp_path / 's.json'}", "threads=1", "precision=bf16"]
+    rc, _, err, r = _run(capsys, *argv)
+    assert rc == 0, err
+    assert seen and set(seen) == {"bf16"}
+
+
 @pytest.mark.parametrize("case, words", [
     ("index_of_another_model", ["was built from codes of model", "task=build_index"]),
     ("index_of_another_database", ["holds 500 database vectors", "has 400"]),

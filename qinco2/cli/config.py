@@ -48,8 +48,9 @@ class CliArgs:
     K: Optional[int] = _key(None, "codebook size of each step (null = the preset's)")
     A: Optional[int] = _key(None, "encoding: candidates pre-selected per step (0 = no pre-selection)")
     B: Optional[int] = _key(None, "encoding: beam size (1 = greedy)")
-    precision: str = _key("fp32", "encoding: arithmetic of the step networks: fp32, bf16 (CPU with AMX/AVX512-BF16, "
-                                  "GPU), fp16 or tf32 (GPU only)")
+    precision: str = _key("fp32", "encoding (and the re-rank's decoding in task=search with index=): arithmetic "
+                                  "of the step networks: fp32, bf16 (CPU with AMX/AVX512-BF16, GPU), fp16 or tf32 "
+                                  "(GPU only)")
     de: Optional[int] = _key(None, "embedding dimension (0 or null = D, no projection)")
     db: Optional[str] = _key(None, "the data set: a name (sift-photos, synthetic, ...) or a database vectors file")
     trainset: Optional[str] = _key(None, "a training vectors file (null = the data set's)")

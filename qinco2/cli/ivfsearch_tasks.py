@@ -106,7 +106,8 @@ def task_search_index(args: CliArgs, given: set[str], device: str) -> dict:
     r = search_index(codec, args.index, args.encoded_db, ds.query_vectors(), ds.ground_truth(),
                      grid=grid, pairwise_decoder=args.pairwise_decoder, output=args.output,
                      resume=args.resume, threads=args.threads, db_rows=args.ds.db,
-                     metric=args.metric if "metric" in given else None, progress=args.progress)
+                     metric=args.metric if "metric" in given else None, progress=args.progress,
+                     decode_precision=args.precision)
     columns = [*GRID_KEYS, "R@1", "R@10", "R@100", "qps"]
     print_table([[p[c] for c in columns] for p in r["pareto"]], columns)
     print(f"{r['n_runs']} settings in the log ({r['n_new_runs']} new); Pareto front above"

@@ -249,11 +249,12 @@ class IVFQincoIndex:
 
     @accepts_tensors
     def search(self, queries, k: int, params: SearchParams | None = None, *,
-               batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+               batch_rows: int = 65_536, decode_precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
         """``(D, I)``, each ``(Q, k)``: the metric to the QINCo2-decoded vectors (see the module
         doc; with ``nshort=1`` nothing is decoded and ``D`` is that of the shortlist stage) and
         the user ids, -1 (and D = +-inf) where fewer results. At most ``params.nshort``
-        results are found: the default params take ``nshort = max(100, k)``."""
+        results are found: the default params take ``nshort = max(100, k)``. ``decode_precision``:
+        the arithmetic of the QINCo2 decoding (:func:`~qinco2.ivfsearch.multistage.multistage_search`)."""
         q = self._queries(queries)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
@@ -265,7 +266,8 @@ class IVFQincoIndex:
             return (np.full((len(q), k), -np.inf if largest else np.inf, dtype=np.float32),
                     np.full((len(q), k), -1, dtype=np.int64))
         dist, rows, _ = multistage_knn(self.shortlist_, self.codec, self.codes, q, params, pairwise=self.pairwise_,
-                                       k=int(k), batch_rows=batch_rows, metric=RERANK_METRIC[self.metric])
+                                       k=int(k), batch_rows=batch_rows, metric=RERANK_METRIC[self.metric],
+                                       decode_precision=decode_precision)
         if self.metric == "cosine":
             dist = (1 - dist).astype(np.float32)          # 1 - cosine distance: the similarity
         return dist, self._user_ids(rows)

@@ -130,7 +130,8 @@ def build_index_file(ivf_centroids, encoded_trainset, encoded_db, x_train, x_val
 
 def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | None = None,
                  pairwise_decoder=None, output=None, resume: bool = False, threads: int | None = None,
-                 db_rows: int | None = None, metric: str | None = None, progress: bool = True) -> dict:
+                 db_rows: int | None = None, metric: str | None = None, progress: bool = True,
+                 decode_precision: str = "fp32") -> dict:
     """Sweep the multi-stage search (:meth:`~qinco2.ivfsearch.index.IVFQincoIndex.sweep`) over ``grid``
     (names of :class:`~qinco2.ivfsearch.multistage.SearchParams` to value lists, missing names from
     :data:`DEFAULT_GRID`). ``index_path``: the faiss index of :func:`build_index_file` (with
@@ -138,7 +139,7 @@ def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | Non
     file), or the folder of a saved :class:`~qinco2.ivfsearch.index.IVFQincoIndex` (which holds
     its codes, ids, metric and decoder). ``metric``: when given, the index's metric must be it
     (the metric is chosen when an index is built). ``output``: JSON log, with its Pareto plot
-    beside it (``.png``)."""
+    beside it (``.png``). ``decode_precision``: the arithmetic of the re-rank's QINCo2 decoding."""
     if output is not None and Path(output).suffix.lower() == ".png":
         raise ConfigError(f"output={output}: the search log is JSON (its plot gets the .png name)")
     if Path(index_path).is_dir():
@@ -152,7 +153,8 @@ def search_index(codec, index_path, encoded_db, queries, gt, *, grid: dict | Non
                           f"IVFQincoIndex(codec, metric={metric!r}) and save it")
     grid = {**DEFAULT_GRID, **(grid or {})}
     n_before = len(load_runs(output)) if resume and output and Path(output).is_file() else 0
-    runs = index.sweep(queries, gt, grid, log_path=output, resume=resume, threads=threads, progress=progress)
+    runs = index.sweep(queries, gt, grid, log_path=output, resume=resume, threads=threads, progress=progress,
+                       decode_precision=decode_precision)
     plot = Path(output).with_suffix(".png") if output is not None and runs else None
     if plot is not None:
         label = "QINCo2 + pairwise decoder" if index.pairwise_ else "QINCo2"
