@@ -303,13 +303,14 @@ def draw(args, curves: dict, meta: dict, n_db: int) -> None:
 
 
 def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> None:
-    """Append every operating point to ``--out``, draw the Pareto fronts, print them."""
+    """Append every operating point to ``--out`` (the index's ``meta``, e.g. the pipeline's
+    stage log, only on its first row of the run), draw the Pareto fronts, print them."""
     with open(args.out, "a") as f:
         for label, runs in curves.items():
             front = {id(r) for r in pareto_front(runs)}
-            for r in runs:
+            for i, r in enumerate(runs):
                 row = {**common, "index": label, "pareto": id(r) in front, **r,
-                       "bytes_per_vector": meta[label]["bytes_per_vector"], "meta": meta[label]}
+                       "bytes_per_vector": meta[label]["bytes_per_vector"], **({"meta": meta[label]} if i == 0 else {})}
                 f.write(json.dumps(row) + "\n")
     draw(args, curves, meta, n_db)
     for label, runs in curves.items():
