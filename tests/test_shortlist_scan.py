@@ -1,7 +1,10 @@
-"""Tests of qinco2.ivfsearch.shortlist_scan: the shortlist index scanned with per-query tables
-gives faiss's own IVF-RQ search results."""
+"""Tests of qinco2.ivfsearch.shortlist_scan: the shortlist index scanned with per-query tables,
+by the compiled kernel and by faiss's IVF-PQ scanner, gives faiss's own IVF-RQ search results."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import faiss
 import numpy as np
@@ -29,6 +32,20 @@ def data():
                 db_codes=codes[2000:2900], queries=x[2900:])
 
 
+HAVE_CC = shutil.which(os.environ.get("CC", "cc")) is not None and os.environ.get("QINCO2_NATIVE", "1") != "0"
+KINDS = {"native": shortlist_scan.NativeScan, "faiss": shortlist_scan.ShortlistScan}
+
+
+@pytest.fixture(params=list(KINDS))
+def kind(request, monkeypatch):
+    """The scan under test: the compiled kernel (where a C compiler exists) or faiss's scanner."""
+    if request.param == "native" and not HAVE_CC:
+        pytest.skip("no C compiler: the compiled scan cannot be built here")
+    if request.param == "faiss":
+        monkeypatch.setattr(shortlist_scan, "_native_lib", lambda: None)
+    return KINDS[request.param]
+
+
 def _faiss_search(index, q, k, nprobe, ef=32):
     params = faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=faiss.SearchParametersHNSW(efSearch=ef))
     return index.search(q, k, params=params)
@@ -45,34 +62,63 @@ def _assert_same(index, q, k, nprobe, rtol):
 
 
 @pytest.mark.parametrize("nprobe", [1, 3, C])
-def test_l2_scan_matches_faiss(data, nprobe, monkeypatch):
+def test_l2_scan_matches_faiss(data, nprobe, kind, monkeypatch):
     monkeypatch.setattr(shortlist_scan, "QUERY_BATCH", 7 if nprobe == 3 else 4096)    # batches of queries too
     index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"], progress=False)
-    assert shortlist_scan.scanner(index) is not None
+    assert isinstance(shortlist_scan.scanner(index), kind)
     _assert_same(index, data["queries"], 20, nprobe, rtol=1e-5)
 
 
-def test_inner_product_scan_matches_faiss(data):
+def test_inner_product_scan_matches_faiss(data, kind):
     tables = aq_tables(build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"][:1],
                                    progress=False))
     index = make_empty_index(data["centroids"], tables, 0.0, 100.0, metric="ip")
     add_codes(index, tables, data["db_codes"], progress=False)
-    assert shortlist_scan.scanner(index) is not None
+    assert isinstance(shortlist_scan.scanner(index), kind)
     for nprobe in (1, 4, C):
         _assert_same(index, data["queries"], 20, nprobe, rtol=1e-5)
 
 
-def test_scan_is_kept_and_sees_later_codes(data):
+def test_scan_is_kept_and_sees_later_codes(data, kind):
     index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"][:500],
                         progress=False)
     scan = shortlist_scan.scanner(index)
     assert shortlist_scan.scanner(index) is scan                      # built once
-    assert scan.ivf.precomputed_table.size() * 4 == shortlist_scan.table_bytes(C, M)
+    if kind is shortlist_scan.ShortlistScan:                          # (M + 1) sub-quantizers
+        assert scan.ivf.precomputed_table.size() * 4 == shortlist_scan.table_bytes(C, M)
+    else:                                                              # M tables per list, 256 norms
+        assert scan.ltab_CMK.nbytes + scan.norms.nbytes == shortlist_scan.table_bytes(C, M - 1) + 4 * K
     add_codes(index, aq_tables(index), data["db_codes"][500:], start_id=500, progress=False)
     assert shortlist_scan.scanner(index) is scan
     _, ids = shortlist_scan.search(index, data["queries"], 900, C, 32)
     assert sorted(ids[0]) == list(range(900))                          # all lists probed: every code found
     _assert_same(index, data["queries"], 20, 4, rtol=1e-5)
+
+
+def test_native_scan_reads_each_probed_code_once(data):
+    """Cost: the kernel scans exactly the codes of the probed lists, one pass each."""
+    if not HAVE_CC:
+        pytest.skip("no C compiler")
+    index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"], progress=False)
+    scan = shortlist_scan.scanner(index)
+    assert isinstance(scan, shortlist_scan.NativeScan)
+    q = data["queries"]
+    hnsw = faiss.SearchParametersHNSW(efSearch=32)
+    for nprobe in (1, 5):
+        _, assign = index.quantizer.search(q, nprobe, params=hnsw)
+        shortlist_scan.search(index, q, 10, nprobe, 32)
+        assert scan.scanned == sum(index.invlists.list_size(int(lst)) for lst in assign.ravel())
+
+
+def test_kernel_fills_missing_results_as_faiss(data, kind):
+    """Fewer codes in the probed lists than k: -1 ids and faiss's distances for them."""
+    index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"][:40],
+                        progress=False)
+    D0, I0 = _faiss_search(index, data["queries"], 30, 1)
+    D1, I1 = shortlist_scan.search(index, data["queries"], 30, 1, 32)
+    assert (I0 == -1).any()
+    np.testing.assert_array_equal(I1 == -1, I0 == -1)
+    np.testing.assert_array_equal(D1[I1 == -1], D0[I0 == -1])
 
 
 def test_large_table_falls_back_to_faiss(data, monkeypatch, caplog):
