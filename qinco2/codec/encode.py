@@ -117,7 +117,8 @@ def decode_prepared(model: QincoModel, runners: list[StepRunner | None], codes_N
 
 
 def _expand_step(step: Step, runner: StepRunner | None, u_ND, xhat_NBD, A: int, beams_out: int):
-    """Score every (beam, candidate) pair: returns codes (N,B,A') and new reconstructions."""
+    """Score every (beam, candidate) pair: returns codes ``(N, B, A')`` (None: all K), the
+    squared errors and the errors ``x_hat' - u`` of the candidates' reconstructions."""
     N, n_beams, D = xhat_NBD.shape
     r_NBD = u_ND[:, None, :] - xhat_NBD
     if runner is None:
@@ -128,9 +129,10 @@ def _expand_step(step: Step, runner: StepRunner | None, u_ND, xhat_NBD, A: int, 
     cand_NBA = _candidates(step, r_NBD, A, beams_out)
     if cand_NBA is None:
         cand_NBA = torch.arange(step.K, device=u_ND.device).expand(N, n_beams, step.K)
-    y_NBAD = xhat_NBD[:, :, None, :] + runner.delta(step.codebook, cand_NBA, xhat_NBD[:, :, None, :])
-    scores_NBA = ((u_ND[:, None, None, :] - y_NBAD) ** 2).sum(-1)
-    return cand_NBA, scores_NBA, y_NBAD
+    # the error of each candidate, x_hat + f - u = f - r, in place on the network's fresh output
+    err_NBAD = runner.delta(step.codebook, cand_NBA, xhat_NBD[:, :, None, :]).to(u_ND.dtype)
+    err_NBAD.sub_(r_NBD[:, :, None, :])
+    return cand_NBA, torch.linalg.vecdot(err_NBAD, err_NBAD), err_NBAD
 
 
 def _search_beams(model: QincoModel, runners: list[StepRunner | None], u_ND: torch.Tensor, A: int, B: int,
@@ -145,7 +147,7 @@ def _search_beams(model: QincoModel, runners: list[StepRunner | None], u_ND: tor
         threads.tick()
         last = m == len(model.steps) - 1
         beams_out = 1 if (last or step.frozen) else B
-        cand_NBA, scores_NBA, y_NBAD = _expand_step(step, runners[m], u_ND, xhat_NBD, A, beams_out)
+        cand_NBA, scores_NBA, err_NBAD = _expand_step(step, runners[m], u_ND, xhat_NBD, A, beams_out)
         flat_NX = scores_NBA.reshape(N, -1)
         n_cand = scores_NBA.shape[-1]
         keep = n_final if last else beams_out
@@ -156,7 +158,7 @@ def _search_beams(model: QincoModel, runners: list[StepRunner | None], u_ND: tor
             xhat_NBD = xhat_NBD[rows_N1, beam_NF] + step.codebook[code_NF]
         else:
             code_NF = cand_NBA[rows_N1, beam_NF, slot_NF]
-            xhat_NBD = y_NBAD[rows_N1, beam_NF, slot_NF]
+            xhat_NBD = u_ND[:, None, :] + err_NBAD[rows_N1, beam_NF, slot_NF]
         codes_NBm = torch.cat([codes_NBm[rows_N1, beam_NF], code_NF[..., None]], dim=2)
     return codes_NBm, xhat_NBD
 
