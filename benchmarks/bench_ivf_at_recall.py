@@ -8,6 +8,9 @@ that R@1 in the last sweep of each of our configurations are searched in turns, 
 rounds after a warm-up, and the medians compared. Writes one JSON line per (baseline, ours).
 
     PYTHONPATH=. python benchmarks/bench_ivf_at_recall.py --work runs/ivf_cpu --threads 2
+
+``--pairwise-targets R1 ...`` compares our configurations with and without the pairwise decoder
+instead, at those R@1 (same candidates rule, same turns).
 """
 
 from __future__ import annotations
@@ -71,6 +74,44 @@ def in_turns(searches: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def pairwise_vs_plain(args, our_runs, index, codec, db_codes, pairwise, xq, gt, common) -> None:
+    """At each R@1 of ``--pairwise-targets`` and each decoding precision, our fastest settings
+    with and without the pairwise decoder (from the sweeps) searched in turns: one JSON line
+    per (target, precision) with the best median of each side."""
+    for r1 in args.pairwise_targets:
+        for precision in ("fp32", "bf16"):
+            sides = {pw: label for label, (pw, pr) in OURS.items() if pr == precision and label in our_runs}
+            searches, settings = {}, {}
+            for use_pairwise, label in sides.items():
+                for run in candidates(our_runs[label], r1, args.candidates):
+                    key = f"{label} {run['parameters']}"
+                    settings[key] = use_pairwise
+                    sp = SearchParams(**run["parameters"])
+                    searches[key] = (lambda sp=sp, pw=pairwise if use_pairwise else None, pr=precision:
+                                     multistage_search(index, codec, db_codes, xq, sp, pairwise=pw,
+                                                       decode_precision=pr))
+            if len(set(settings.values())) < 2:
+                log.info("R@1 %.3f %s: reached by one side only in the sweeps", r1, precision)
+                continue
+            times = in_turns(searches, args.rounds)
+            best = {}
+            for key, use_pairwise in settings.items():
+                qps = len(xq) / float(np.median(times[key]))
+                r1_got = recall_at(searches[key]()[0], gt)[1]
+                if r1_got >= r1 - 1e-9 and qps > best.get(use_pairwise, ("", 0.0, 0.0))[1]:
+                    best[use_pairwise] = (key, qps, r1_got)
+            if len(best) < 2:
+                continue
+            row = {**common, "target_R@1": r1, "precision": precision, "rounds": args.rounds,
+                   "plain": dict(zip(("setting", "qps_median", "R@1"), best[False])),
+                   "pairwise": dict(zip(("setting", "qps_median", "R@1"), best[True])),
+                   "pairwise_over_plain": best[True][1] / best[False][1]}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("R@1 >= %.3f %s: plain %.0f QPS, + pairwise %.0f QPS: %.2fx", r1, precision, best[False][1],
+                     best[True][1], row["pairwise_over_plain"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/ivf_cpu")
@@ -80,6 +121,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/ivf_at_recall.jsonl")
+    p.add_argument("--pairwise-targets", type=float, nargs="*", default=None, metavar="R1",
+                   help="instead of faiss: the pipeline with and without the pairwise decoder at these R@1")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -95,6 +138,10 @@ def main() -> None:
     db_codes = load_encoded(work / "codes_db.npy", require_ivf=True)["codes"]
     index = load_index(work / "index.faissindex", model_sha=model_sha(codec), n_db=len(db_codes))
     pairwise = PairwiseDecoder.load(work / "pairwise.pt")
+    if args.pairwise_targets is not None:
+        common = {"bench": "ivf_pairwise_vs_plain", "dataset": ds.name, **environment(args.threads),
+                  "command": " ".join(sys.argv)}
+        return pairwise_vs_plain(args, our_runs, index, codec, db_codes, pairwise, xq, gt, common)
     build_args = argparse.Namespace(ivf_K=first["ivf_K"], M=first["M"], faiss_train=first["meta"]["n_train"])
     common = {"bench": "ivf_at_recall", "dataset": first["dataset"], **environment(args.threads),
               "command": " ".join(sys.argv)}
