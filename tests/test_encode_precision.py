@@ -111,6 +111,25 @@ def test_bf16_returns_the_final_beam_of_least_fp32_error(make_model, arch):
     torch.testing.assert_close(xhat, model.decode(codes), rtol=1e-4, atol=1e-4)
 
 
+def test_unrescored_encoding_keeps_the_reduced_precision_pick(make_model, monkeypatch):
+    """``rescored=False``: the best final beam by bf16 scores, no float32 decoding (training);
+    in float32 the switch changes nothing."""
+    model = _model(make_model, "qinco2")
+    cfg, u = model.cfg, _data(300, model.cfg.D, seed=3)
+    finals_NFm, xhat_NFD = encode_module._search_beams(model, prepare_steps(model, "bf16"), u, cfg.A, cfg.B, 1)
+    calls = []
+    monkeypatch.setattr(encode_module, "rescore", lambda *a, real=rescore: calls.append(1) or real(*a))
+    codes, xhat = encode(model, u, A=cfg.A, B=cfg.B, precision="bf16", rescored=False)
+    assert not calls
+    monkeypatch.undo()
+    torch.testing.assert_close(codes, finals_NFm[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(xhat, xhat_NFD[:, 0], rtol=0, atol=0)
+    rescored_codes, _ = encode(model, u, A=cfg.A, B=cfg.B, precision="bf16")
+    assert (rescored_codes != codes).any(1).any()              # random weights: re-scoring moves some
+    fp32 = [encode(model, u, A=cfg.A, B=cfg.B, rescored=r)[0] for r in (True, False)]
+    torch.testing.assert_close(fp32[0], fp32[1], rtol=0, atol=0)
+
+
 def test_rescoring_changes_some_choices_of_the_reduced_precision(make_model):
     """On random weights (large, chaotic networks) bf16 misranks near-ties of the last step;
     re-scoring in float32 picks another final beam for some vectors and lowers their error."""

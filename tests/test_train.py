@@ -229,15 +229,16 @@ def test_fit_beats_its_rq_initialisation_and_faiss_rq(data):
 
 
 def test_cpu_bf16_training_runs_its_steps_in_bfloat16_and_learns(data, monkeypatch):
-    """``cpu_bf16``: the beam search of each training batch in bf16, the losses under bfloat16
+    """``cpu_bf16``: the beam search of each training batch in bf16 (not re-scored), the losses under bfloat16
     autocast; the weights, the validation and the saved model stay float32, and the model learns
     as much as in float32 (within 5% of its validation MSE here)."""
     x_train, x_val = data
-    precisions, dtypes = [], set()
+    precisions, rescored, dtypes = [], set(), set()
     real_encode = train_module.encode
 
     def spy(*args, precision="fp32", **kwargs):
         precisions.append(precision)
+        rescored.add(kwargs.get("rescored", True))
         return real_encode(*args, precision=precision, **kwargs)
     monkeypatch.setattr(train_module, "encode", spy)
     codec = _codec(max_epochs=6, cpu_bf16=True)
@@ -249,6 +250,7 @@ def test_cpu_bf16_training_runs_its_steps_in_bfloat16_and_learns(data, monkeypat
     monkeypatch.setattr(QincoModel, "losses", losses)
     codec.train(x_train, x_val, progress=False)
     assert set(precisions) == {"bf16"} and dtypes == {torch.bfloat16}
+    assert rescored == {False}                  # the codes only: no float32 decoding of the final beams
     assert all(p.dtype == torch.float32 for p in codec.model_.parameters())
     monkeypatch.undo()
     fp32 = _codec(max_epochs=6).train(x_train, x_val, progress=False)

@@ -176,8 +176,8 @@ def rescore(model: QincoModel, u_ND: torch.Tensor, codes_NFm: torch.Tensor) -> t
 
 
 def _beam_search(model: QincoModel, runners: list[StepRunner | None], u_ND: torch.Tensor, A: int, B: int,
-                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if precision == "fp32":
+                 precision: str, rescored: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if precision == "fp32" or not rescored:
         codes_NFm, xhat_NFD = _search_beams(model, runners, u_ND, A, B, 1)
         return codes_NFm[:, 0], xhat_NFD[:, 0]
     codes_NFm, _ = _search_beams(model, runners, u_ND, A, B, min(B, RESCORED_BEAMS))
@@ -220,19 +220,21 @@ def bytes_per_vector(model: QincoModel, A: int, B: int) -> int:
 @torch.no_grad()
 @threads.adapting     # fewer CPU threads while other processes keep cores busy
 def encode(model: QincoModel, u_ND: torch.Tensor, *, A: int, B: int, max_bytes: int | None = None,
-           precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+           precision: str = "fp32", rescored: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`beam_search` over chunks of rows so that the working memory stays under ``max_bytes``
     (default: :func:`default_max_bytes` of the rows' device); the step tables
     (:func:`prepare_steps`) are computed once for all chunks.
 
-    The codes do not depend on the chunking.
+    ``rescored=False`` (training steps, which use only the codes) skips the float32 re-scoring of
+    a reduced ``precision``: the codes of the best beam by reduced-precision scores, and their
+    reconstruction as the search computed it. The codes do not depend on the chunking.
     """
     check_precision(precision, u_ND.device)
     max_bytes = default_max_bytes(u_ND.device) if max_bytes is None else max_bytes
     chunk = max(1, max_bytes // bytes_per_vector(model, A, B))
     runners = prepare_steps(model, precision)
     if u_ND.shape[0] <= chunk:
-        return _beam_search(model, runners, u_ND, A, B, precision)
-    parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision)
+        return _beam_search(model, runners, u_ND, A, B, precision, rescored)
+    parts = [_beam_search(model, runners, u_ND[i:i + chunk], A, B, precision, rescored)
              for i in range(0, u_ND.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
