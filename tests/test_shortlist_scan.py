@@ -95,6 +95,19 @@ def test_scan_is_kept_and_sees_later_codes(data, kind):
     _assert_same(index, data["queries"], 20, 4, rtol=1e-5)
 
 
+def test_scan_after_reset_and_as_many_codes_again(data, kind):
+    """``ntotal`` ends as it was, but faiss freed and reallocated the lists: the scan must not
+    read the old ones (add_codes invalidates the kept addresses)."""
+    index = build_index(data["centroids"], data["train_codes"], data["x_train"], data["db_codes"][:400],
+                        progress=False)
+    shortlist_scan.search(index, data["queries"], 20, 4, 32)            # addresses kept
+    index.reset()
+    add_codes(index, aq_tables(index), data["db_codes"][400:800], start_id=400, progress=False)
+    _, ids = shortlist_scan.search(index, data["queries"], 400, C, 32)
+    assert sorted(ids[0]) == list(range(400, 800))
+    _assert_same(index, data["queries"], 20, 4, rtol=1e-5)
+
+
 def test_native_scan_reads_each_probed_code_once(data):
     """Cost: the kernel scans exactly the codes of the probed lists, one pass each."""
     if not HAVE_CC:

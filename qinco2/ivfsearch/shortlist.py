@@ -32,6 +32,7 @@ from ..errors import DatasetError, InputError
 from ..packing import pack_codes
 from ..progress import progress_bar
 from ..validation import check_codes, check_vectors
+from . import shortlist_scan
 from .aq import additive_decode, fit_additive_codebooks
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ def add_codes(index: faiss.Index, T_MKD: np.ndarray, db_codes, *, start_id: int 
         sa_codes = standalone_codes(codes[:, 0], codes[:, 1:], norm_codes, coarse)
         ids = np.arange(start_id + i, start_id + i + len(codes), dtype=np.int64)
         index.add_sa_codes(np.ascontiguousarray(sa_codes), ids)
+    shortlist_scan.invalidate(index)       # lists reallocated, even where ntotal ends as it was (reset + add)
 
 
 def train_shortlist(ivf_centroids_CD, train_codes, x_train_raw, *, K: int = 256,

@@ -18,7 +18,8 @@ bytes, then the norm byte). Two scans compute it over the index's own inverted l
   ``M * K * D`` multiply-adds per query at GEMM speed), then for each (query, probed list) the
   sum of the query's and the list's tables, one look-up per code byte, and a heap of the best k.
   It reads the lists' addresses from faiss (``ArrayInvertedLists``) and reads them again when the
-  index's ``ntotal`` changes (any add or removal: faiss reallocates a growing list).
+  index's ``ntotal`` changes (any add or removal: faiss reallocates a growing list) or after
+  :func:`invalidate` (which ``add_codes`` calls: a reset followed by as many codes keeps ``ntotal``).
 - :class:`ShortlistScan`, where no C compiler is found: faiss's ``IndexIVFPQ`` with precomputed
   tables (``use_precomputed_table=1``) and ``M + 1`` sub-quantizers over a space of ``(M + 1) * D``
   dimensions: sub-space ``m < M`` holds the codewords ``T_m`` and a copy of the query; sub-space
@@ -180,6 +181,16 @@ class ShortlistScan(_TableScan):
         self.ivf.search_preassigned_c(len(q), faiss.swig_ptr(q_fake), dist_Qk.shape[1], faiss.swig_ptr(assign),
                                       faiss.swig_ptr(coarse_dis), faiss.swig_ptr(dist_Qk), faiss.swig_ptr(ids_Qk),
                                       False, params)
+
+
+def invalidate(index: faiss.Index) -> None:
+    """Make the kept scan of ``index`` read its lists' addresses again at the next search: call it
+    after changing the lists other than by an add or removal that changes ``ntotal`` (e.g. a
+    ``reset`` followed by adding as many codes; :func:`~qinco2.ivfsearch.shortlist.add_codes`
+    calls it)."""
+    scan = _SCANS.get(index)
+    if isinstance(scan, NativeScan):
+        scan.ntotal = -1
 
 
 def _native_lib() -> ctypes.CDLL | None:
