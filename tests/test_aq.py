@@ -91,3 +91,15 @@ def test_bad_inputs_raise_typed_errors():
         fit_additive_codebooks(codes.astype(np.float32), targets, 8)
     with pytest.raises(InputError, match="columns"):
         additive_decode(codes[:, :2], np.zeros((3, 8, 5)))
+
+
+def test_decode_is_the_sum_of_table_rows_and_adds_in_place():
+    rng = np.random.default_rng(3)
+    tables = rng.normal(size=(4, 16, 6)).astype(np.float32)
+    codes = rng.integers(0, 16, size=(50, 4))
+    slow = np.array([sum(tables[m, row[m]].astype(np.float64) for m in range(4)) for row in codes])
+    np.testing.assert_allclose(additive_decode(codes, tables), slow, rtol=1e-5, atol=1e-5)
+    base = rng.normal(size=(50, 6)).astype(np.float32)
+    out = base.copy()
+    assert additive_decode(codes, tables, out_ND=out) is out
+    np.testing.assert_allclose(out, base + slow, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,13 @@ def test_learned_state_and_decode_shapes(trained, pair_data):
     xhat = trained.decode(codes[:100])
     assert xhat.shape == (100, D) and xhat.dtype == np.float32
     np.testing.assert_array_equal(trained.decode(codes[:100], batch_size=7), xhat)
+    # slow obvious reference: centroid + one AQ row per column + one row per pair table
+    cols = np.concatenate([codes[:100, 1:], trained.ivf_subcodes_[codes[:100, 0]]], axis=1)
+    slow = np.array([trained.ivf_centroids_[row[0]].astype(np.float64)
+                     + sum(trained.aq_tables_[m, c[m]] for m in range(len(trained.aq_tables_)))
+                     + sum(t[c[a] * K + c[b]] for (a, b), t in zip(trained.pairs_, trained.tables_))
+                     for row, c in zip(codes[:100], cols)])
+    np.testing.assert_allclose(xhat, slow, rtol=1e-4, atol=1e-4 * np.abs(slow).max())
 
 
 def test_ivf_subcodes_shape_and_range(trained):

@@ -50,14 +50,23 @@ def fit_additive_codebooks(codes_NM: np.ndarray, targets_ND: np.ndarray, K: int,
     return tables.reshape(M, K, D).numpy().astype(np.float32)
 
 
-def additive_decode(codes_NM: np.ndarray, T_MKD: np.ndarray) -> np.ndarray:
-    """Float32 vectors ``(N, D) = sum_m T_MKD[m, codes_NM[:, m]]``."""
+def gather_add_(acc_ND: torch.Tensor, table_KD: np.ndarray, idx_N: torch.Tensor) -> None:
+    """``acc_ND += table_KD[idx_N]`` in place (torch's row gather: 2.5x numpy's fancy indexing and
+    its temporary on the pairwise decoder's 32 MB tables, 2 threads)."""
+    acc_ND.add_(torch.from_numpy(table_KD).index_select(0, idx_N))
+
+
+def additive_decode(codes_NM: np.ndarray, T_MKD: np.ndarray, *, out_ND: np.ndarray | None = None) -> np.ndarray:
+    """Float32 vectors ``(N, D) = sum_m T_MKD[m, codes_NM[:, m]]``, added to ``out_ND`` (float32,
+    C-contiguous, changed in place) when given."""
     T_MKD = np.asarray(T_MKD)
     if T_MKD.ndim != 3:
         raise InputError(f"tables must have shape (M, K, D), got {T_MKD.shape}")
     M, K, D = T_MKD.shape
     codes_NM = check_codes(codes_NM, K, columns=M, columns_are=f"M={M} columns, one per table")
-    out = np.zeros((len(codes_NM), D), dtype=np.float32)
+    out = np.zeros((len(codes_NM), D), dtype=np.float32) if out_ND is None else out_ND
+    acc, codes = torch.from_numpy(out), torch.from_numpy(np.asarray(codes_NM, dtype=np.int64))
+    T_MKD = np.ascontiguousarray(T_MKD, dtype=np.float32)
     for m in range(M):
-        out += T_MKD[m][codes_NM[:, m]]
+        gather_add_(acc, T_MKD[m], codes[:, m])
     return out

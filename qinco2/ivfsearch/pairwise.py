@@ -25,7 +25,7 @@ from ..errors import ConfigError, InputError, ModelFileError, NotTrainedError
 from ..kmeans import kmeans
 from ..metrics import mse
 from ..validation import check_codes, check_finite, check_vectors
-from .aq import additive_decode, fit_additive_codebooks
+from .aq import additive_decode, fit_additive_codebooks, gather_add_
 from .pair_tables import DEFAULT_MIN_GAIN, DEFAULT_SHRINKAGE, greedy_pair_tables
 
 log = logging.getLogger(__name__)
@@ -322,12 +322,13 @@ class PairwiseDecoder:
         out = np.empty((N, self.ivf_centroids_.shape[1]), dtype=np.float32)
         for i, c in self._code_chunks(codes, len(self.ivf_centroids_), batch_size):
             cols = np.concatenate([c[:, 1:], self.ivf_subcodes_[c[:, 0]]], axis=1).astype(np.int64)
-            acc = self.ivf_centroids_[c[:, 0]]
+            acc = out[i:i + len(c)]
+            acc[:] = self.ivf_centroids_[c[:, 0]]
             if len(self.aq_tables_):
-                acc += additive_decode(cols, self.aq_tables_)
+                additive_decode(cols, self.aq_tables_, out_ND=acc)
+            acc_t, cols_t = torch.from_numpy(acc), torch.from_numpy(cols)
             for (a, b), table in zip(self.pairs_, self.tables_):
-                acc += table[cols[:, a] * self.K + cols[:, b]]
-            out[i:i + len(c)] = acc
+                gather_add_(acc_t, table, cols_t[:, a] * self.K + cols_t[:, b])
         return out
 
     def decode_mse(self, codes, x_ND, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
