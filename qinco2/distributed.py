@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -140,13 +141,21 @@ class Workers:
                                     f"rank {self.rank} stops too. Fix the cause and run the job again")
 
 
-def abandon() -> None:
+def abandon(status: int | None = None) -> None:
     """End this process's part of a launched job after an error: tear the process group down
-    without waiting for the others (they fail too, or have failed), so that the process exits
-    with its own status instead of aborting on a live gloo group at interpreter exit."""
+    without waiting for the others (they fail too, or have failed). With ``status``, a process
+    of a launched job then ends here with that status (``os._exit`` after flushing the logs and
+    stdio): the interpreter's own exit could still abort in the destructors of the group's
+    threads (SIGABRT, "terminate called without an active exception": 1 run in 8 of the two-rank
+    fault tests on 2 cores). Without a process group it returns, whatever ``status``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
+        if status is not None:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
 
 
 def shutdown() -> None:

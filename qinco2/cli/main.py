@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(argv)
     except QincoError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        abandon()
+        abandon(2)                            # a launched job's process ends here
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        abandon()
+        abandon(130)
         return 130
     shutdown()
     if launched_rank() == 0:                  # one report per launched job

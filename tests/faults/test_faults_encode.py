@@ -129,7 +129,7 @@ try:
     encode_to_file(codec, x, sys.argv[4], batch=100, shard_rows=100, progress=False, workers=workers)
 except QincoError as exc:
     print(f"error: {exc}", file=sys.stderr, flush=True)
-    abandon()
+    abandon(2)                           # as the CLI does after an error
     sys.exit(2)
 shutdown()
 """
@@ -210,7 +210,7 @@ try:
     codec.train(x[:1200], x[1200:], progress=False, workers=workers)
 except (QincoError, MemoryError) as exc:
     print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    abandon()                                  # as the CLI does after an error
+    abandon(2)                                 # as the CLI does after an error
     sys.exit(2)
 shutdown()
 """
