@@ -111,6 +111,22 @@ def test_bf16_returns_the_final_beam_of_least_fp32_error(make_model, arch):
     torch.testing.assert_close(xhat, model.decode(codes), rtol=1e-4, atol=1e-4)
 
 
+def test_reduced_precision_networks_follow_the_weights(make_model):
+    """The bf16 copy of a step network is made once and takes the current weights at each
+    prepare (training changes them between batches)."""
+    model = _model(make_model, "qinco2")
+    m = next(i for i, s in enumerate(model.steps) if s.net is not None)
+    first = prepare_steps(model, "bf16")[m].net
+    with torch.no_grad():
+        for p in model.steps[m].net.parameters():
+            p.add_(0.25)
+    again = prepare_steps(model, "bf16")[m].net
+    assert again is first
+    for cast, p in zip(again.parameters(), model.steps[m].net.parameters()):
+        assert cast.dtype == torch.bfloat16 and not cast.requires_grad
+        torch.testing.assert_close(cast, p.to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_unrescored_encoding_keeps_the_reduced_precision_pick(make_model, monkeypatch):
     """``rescored=False``: the best final beam by bf16 scores, no float32 decoding (training);
     in float32 the switch changes nothing."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,24 @@ class StepRunner:
                                            xhat_NB1D.to(self.emb_KE.dtype))
 
 
+_CAST_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # StepNetwork -> {(dtype, device): copy}
+
+
+def _net_in(net: StepNetwork, dtype: torch.dtype) -> StepNetwork:
+    """``net`` with its weights as they are now, in ``dtype``: one copy kept per network and
+    dtype, its weights overwritten in place at each call (a deep copy per call was 6 ms of a
+    1,024-row bf16 training step on 2 cores). A runner built earlier sees the new weights."""
+    copies = _CAST_NETS.setdefault(net, {})
+    key = (dtype, next(net.parameters()).device)
+    cast = copies.get(key)
+    if cast is None:
+        cast = copies[key] = copy.deepcopy(net).to(dtype).requires_grad_(False)
+    else:
+        for dst, src in zip(cast.parameters(), net.parameters()):
+            dst.copy_(src)
+    return cast
+
+
 @torch.no_grad()
 def prepare_steps(model: QincoModel, precision: str = "fp32") -> list[StepRunner | None]:
     """One :class:`StepRunner` per conditioned step (None for a plain step), for one encoding
@@ -96,7 +115,7 @@ def prepare_steps(model: QincoModel, precision: str = "fp32") -> list[StepRunner
             runners.append(None)
             continue
         dtype = compute_dtype(precision, step.codebook.dtype)
-        net = step.net if dtype == step.codebook.dtype else copy.deepcopy(step.net).to(dtype)
+        net = step.net if dtype == step.codebook.dtype else _net_in(step.net, dtype)
         runners.append(StepRunner(net, step.net.embed_codeword(step.codebook).to(dtype), precision))
     return runners
 
