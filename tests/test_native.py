@@ -64,3 +64,19 @@ def test_disabled_by_environment(fresh, monkeypatch):
     monkeypatch.setenv("QINCO2_NATIVE", "0")
     assert native.load(fresh) is None
     assert not native.cache_dir().exists()
+
+
+def test_a_compiler_without_openmp_builds_the_portable_library(fresh, tmp_path, monkeypatch, caplog):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unknown option -fopenmp" >&2; '
+                       'exit 1; }; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    with caplog.at_level("WARNING"):
+        lib = native.load(fresh)
+    assert lib.qinco2_answer(4) == 9
+    assert "runs on one thread" in caplog.text and "-fopenmp" in caplog.text
+    assert [p.name for p in native.cache_dir().iterdir()] == [
+        native.library_path(fresh, str(wrapper), native.PORTABLE_FLAGS).name]
