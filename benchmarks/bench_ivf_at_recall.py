@@ -74,22 +74,30 @@ def in_turns(searches: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def our_searches(our_runs: dict, labels, r1: float, n: int, index, codec, db_codes, pairwise, xq) -> dict:
+    """For each configuration in ``labels``, its ``n`` fastest settings that reached R@1 ``r1`` in
+    the sweeps: ``{key: (label, parameters, search)}``, ``search()`` running the setting."""
+    out = {}
+    for label in labels:
+        use_pairwise, precision = OURS[label]
+        for run in candidates(our_runs[label], r1, n):
+            sp = SearchParams(**run["parameters"])
+            out[f"{label} {run['parameters']}"] = (label, run["parameters"], (
+                lambda sp=sp, pw=pairwise if use_pairwise else None, pr=precision:
+                multistage_search(index, codec, db_codes, xq, sp, pairwise=pw, decode_precision=pr)))
+    return out
+
+
 def pairwise_vs_plain(args, our_runs, index, codec, db_codes, pairwise, xq, gt, common) -> None:
     """At each R@1 of ``--pairwise-targets`` and each decoding precision, our fastest settings
     with and without the pairwise decoder (from the sweeps) searched in turns: one JSON line
     per (target, precision) with the best median of each side."""
     for r1 in args.pairwise_targets:
         for precision in ("fp32", "bf16"):
-            sides = {pw: label for label, (pw, pr) in OURS.items() if pr == precision and label in our_runs}
-            searches, settings = {}, {}
-            for use_pairwise, label in sides.items():
-                for run in candidates(our_runs[label], r1, args.candidates):
-                    key = f"{label} {run['parameters']}"
-                    settings[key] = use_pairwise
-                    sp = SearchParams(**run["parameters"])
-                    searches[key] = (lambda sp=sp, pw=pairwise if use_pairwise else None, pr=precision:
-                                     multistage_search(index, codec, db_codes, xq, sp, pairwise=pw,
-                                                       decode_precision=pr))
+            labels = [label for label, (_, pr) in OURS.items() if pr == precision and label in our_runs]
+            ours = our_searches(our_runs, labels, r1, args.candidates, index, codec, db_codes, pairwise, xq)
+            searches = {key: fn for key, (_, _, fn) in ours.items()}
+            settings = {key: OURS[label][0] for key, (label, _, _) in ours.items()}
             if len(set(settings.values())) < 2:
                 log.info("R@1 %.3f %s: reached by one side only in the sweeps", r1, precision)
                 continue
@@ -130,8 +138,6 @@ def main() -> None:
     faiss_runs, our_runs = last_rows(Path(args.results))
     first = next(iter(faiss_runs.values()))[0]
     ds = resolve_dataset(first["dataset"])
-    xt, _ = ds.train_val(DataLimits(valset=10_000))
-    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
     xq, gt = ds.query_vectors(), ds.ground_truth()
     work = Path(args.work)
     codec = QincoCodec.load(work / "model.pt")
@@ -145,21 +151,17 @@ def main() -> None:
     build_args = argparse.Namespace(ivf_K=first["ivf_K"], M=first["M"], faiss_train=first["meta"]["n_train"])
     common = {"bench": "ivf_at_recall", "dataset": first["dataset"], **environment(args.threads),
               "command": " ".join(sys.argv)}
+    xt, _ = ds.train_val(DataLimits(valset=10_000))           # for the faiss indexes only
     xt_f = np.ascontiguousarray(xt[:build_args.faiss_train], dtype=np.float32)
+    xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
     for name in args.baselines:
         fidx, meta = build_faiss(name, build_args, xt_f, xb)
         target = best_setting(faiss_runs[meta["factory"]])
         r1, fparams = target["recalls"]["1"], search_params(target["parameters"])
-        searches = {"faiss": lambda: fidx.search(xq, 100, params=fparams)}
-        settings = {}
-        for label, runs in our_runs.items():
-            use_pairwise, precision = OURS[label]
-            for run in candidates(runs, r1, args.candidates):
-                key = f"{label} {run['parameters']}"
-                settings[key] = (label, run["parameters"])
-                sp = SearchParams(**run["parameters"])
-                searches[key] = (lambda sp=sp, pw=pairwise if use_pairwise else None, pr=precision:
-                                 multistage_search(index, codec, db_codes, xq, sp, pairwise=pw, decode_precision=pr))
+        ours = our_searches(our_runs, list(our_runs), r1, args.candidates, index, codec, db_codes, pairwise, xq)
+        searches = {"faiss": lambda: fidx.search(xq, 100, params=fparams),
+                    **{key: fn for key, (_, _, fn) in ours.items()}}
+        settings = {key: (label, params) for key, (label, params, _) in ours.items()}
         times = in_turns(searches, args.rounds)
         f_ids = searches["faiss"]()[1]
         f_med = float(np.median(times["faiss"]))

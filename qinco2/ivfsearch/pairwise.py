@@ -323,7 +323,7 @@ class PairwiseDecoder:
         for i, c in self._code_chunks(codes, len(self.ivf_centroids_), batch_size):
             cols = np.concatenate([c[:, 1:], self.ivf_subcodes_[c[:, 0]]], axis=1).astype(np.int64)
             acc = out[i:i + len(c)]
-            acc[:] = self.ivf_centroids_[c[:, 0]]
+            np.take(self.ivf_centroids_, c[:, 0], axis=0, out=acc)
             if len(self.aq_tables_):
                 additive_decode(cols, self.aq_tables_, out_ND=acc)
             acc_t, cols_t = torch.from_numpy(acc), torch.from_numpy(cols)

@@ -125,16 +125,16 @@ class NativeScan(_TableScan):
         qtab = (torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)) @ self.T_DX).numpy()
         base = np.ascontiguousarray(coarse_dis if self.l2 else -coarse_dis, dtype=np.float32)
         assign = np.ascontiguousarray(assign, dtype=np.int64)
-        out_d = np.empty_like(dist_Qk)
-        out_i = np.empty_like(ids_Qk)
-        addr = [None if a is None else a.ctypes.data for a in
-                (qtab, self.ltab_CMK, self.norms, base, assign, self.code_ptrs, self.id_ptrs, self.sizes, out_d, out_i)]
+        # the kernel writes the caller's rows (row blocks of C-contiguous arrays: contiguous)
+        arrays = (qtab, self.ltab_CMK, self.norms, base, assign, self.code_ptrs, self.id_ptrs, self.sizes,
+                  dist_Qk, ids_Qk)
+        addr = [None if a is None else a.ctypes.data for a in arrays]
         n = self.fn(len(q), assign.shape[1], dist_Qk.shape[1], self.M, self.code_size, *addr)
         if n < 0:
             raise MemoryError("the shortlist scan could not allocate its per-thread table")
         self.scanned += n
-        dist_Qk[:] = out_d if self.l2 else -out_d
-        ids_Qk[:] = out_i
+        if not self.l2:
+            np.negative(dist_Qk, out=dist_Qk)
 
     def search(self, coarse, q_QD, k, nprobe, quantizer_params=None):
         self.scanned = 0
