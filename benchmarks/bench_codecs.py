@@ -100,7 +100,8 @@ def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, metric, n_train: int
 
 def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) -> dict:
     preset, overrides, eval_AB = QINCO_SETTINGS[name]
-    overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60}
+    overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60,
+                 **({"init_refine": args.init_refine} if args.init_refine else {})}
     codec = QincoCodec.from_preset(preset, device=getattr(args, "device", "cpu"), **overrides)
     out = os.path.join(args.model_dir, f"{name}-{args.dataset}-{M}x8.pt")
     _, t_train = timed(lambda: codec.train(xt, xv, mse_scale=mse_scale, output=out, progress=False))
@@ -140,6 +141,9 @@ def main() -> None:
     p.add_argument("--faiss-train", type=int, default=500_000, help="training vectors for PQ/OPQ/RQ1")
     p.add_argument("--slow-train", type=int, default=100_000, help="training vectors for RQ32/LSQ")
     p.add_argument("--qinco-minutes", type=float, default=30.0)
+    p.add_argument("--init-refine", type=int, default=0,
+                   help="rounds of joint refinement of the RQ initialisation (TrainConfig.init_refine; its time "
+                        "counts against --qinco-minutes)")
     p.add_argument("--eval-AB", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first rows of the training split")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 
 import faiss
 import numpy as np
@@ -121,6 +122,69 @@ def test_a_fresh_model_is_exactly_its_rq_initialisation(clustered, de):
     np.testing.assert_array_equal(codes.numpy(), np.stack(rq_codes, 1))
     # float32 sums of 3 codewords in two orders: 1e-5 relative
     assert mse(x, x_hat) == pytest.approx(float((r ** 2).sum(1).mean()), rel=1e-5)
+
+
+def _raw_books(model: QincoModel) -> np.ndarray:
+    """The model's codebooks in raw space, ``(M, K, D)``: the sum of one codeword per step is
+    the raw reconstruction while the step networks are the identity."""
+    with torch.no_grad():
+        return np.stack([(s.codebook * model.scale + (model.mean if m == 0 else 0)).numpy()
+                         for m, s in enumerate(model.steps)])
+
+
+def test_init_refine_fits_all_codebooks_to_the_greedy_codes_by_least_squares(clustered, monkeypatch):
+    """One refinement round = greedy codes of the RQ, then the codebooks that minimise the
+    squared error of those codes, all steps jointly, on the first REFINE_ROWS rows only.
+    Checked against a dense least-squares solve (its fitted values: the codebooks themselves
+    are defined up to a shift between steps)."""
+    import qinco2.codec.rq_init as rq_init
+    monkeypatch.setattr(rq_init, "REFINE_ROWS", 600)
+    x = clustered(1000, D=8, seed=5)
+    cfg = ModelConfig(D=8, M=3, K=8, L=1, de=None, dh=8, A=2, B=1)
+    plain, refined = QincoModel(cfg), QincoModel(cfg)
+    initialize(plain, TrainConfig(init_noise=0.0, seed=0), x)
+    initialize(refined, TrainConfig(init_noise=0.0, seed=0, init_refine=1), x)
+    books = _raw_books(plain)
+    r, onehot = x[:600].astype(np.float64), []
+    for C_KD in books:                                         # greedy RQ codes of the first rows
+        ids = ((r[:, None, :] - C_KD[None]) ** 2).sum(-1).argmin(1)
+        onehot.append(np.eye(8)[ids])
+        r = r - C_KD[ids]
+    phi = np.concatenate(onehot, 1)                            # (600, M*K) design matrix
+    best = phi @ np.linalg.lstsq(phi, x[:600].astype(np.float64), rcond=None)[0]
+    got = phi @ _raw_books(refined).reshape(24, 8)
+    np.testing.assert_allclose(got, best, atol=1e-3 * np.abs(x).max())
+    assert ((got - x[:600]) ** 2).sum() < ((phi @ books.reshape(24, 8) - x[:600]) ** 2).sum()
+
+
+def test_init_refine_needs_a_power_of_two_K(clustered):
+    model = QincoModel(ModelConfig(D=8, M=2, K=6, L=1, de=None, dh=8, A=2, B=1))
+    with pytest.raises(ConfigError, match="power of two"):
+        initialize(model, TrainConfig(init_refine=2), clustered(300, D=8))
+    with pytest.raises(ConfigError, match="init_refine"):
+        TrainConfig(init_refine=-1).validated()
+
+
+def test_initialisation_time_counts_against_the_time_budget(data):
+    x_train, x_val = data[0][:1200], data[1][:300]
+    model = QincoModel(ModelConfig(D=16, M=2, K=16, L=1, de=None, dh=32, A=4, B=4))
+    cfg = TrainConfig(**{k: v for k, v in FAST.items() if k not in ModelConfig.__dataclass_fields__},
+                      max_epochs=5, max_time_s=60.0)
+    initialize(model, cfg, x_train)
+    state = fit(model, cfg, x_train, x_val, progress=False, init_s=60.0)   # the budget is spent
+    assert len(state.history) == 1 and state.step == 1 and state.elapsed_s >= 60.0
+
+def test_the_codec_charges_its_initialisation_to_the_time_budget(data, monkeypatch):
+    import qinco2.codec.codec as codec_module
+    real = codec_module.initialize
+
+    def slow_initialize(*args):                                 # an initialisation of 2 s
+        time.sleep(2.0)
+        real(*args)
+    monkeypatch.setattr(codec_module, "initialize", slow_initialize)
+    x_train, x_val = data[0][:1200], data[1][:300]
+    state = _codec(max_epochs=3, max_time_s=1.5).train(x_train, x_val, progress=False).train_state_
+    assert len(state.history) == 1 and state.step == 1 and state.elapsed_s >= 2.0
 
 
 def test_training_never_returns_a_model_worse_than_its_initialisation(data):
@@ -348,13 +412,23 @@ def test_time_schedule_follows_the_share_of_the_budget(monkeypatch):
     monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
     deadline = 1100.0
 
+    state = train_module.TrainState()
+
     def lr():
-        return train_module._lr_for(cfg, 0.0, train_module._time_spent(cfg, deadline, Workers(), "cpu"))
+        return train_module._lr_for(cfg, 0.0, train_module._time_spent(cfg, state, deadline, Workers(), "cpu"))
 
     assert lr() == pytest.approx(cfg.lr_min_factor)
     now[0] = 1000.0 + 100.0 * 1 / 12     # one epoch-equivalent into the 12 of the schedule
     assert lr() == pytest.approx(0.5)
     now[0] = 1100.0                      # budget spent: the cosine has reached its floor
+    assert lr() == pytest.approx(cfg.lr_min_factor)
+    # 40 s of initialisation: the schedule spans the 60 s left, warm-up first
+    state.init_s, deadline = 40.0, 1060.0
+    now[0] = 1000.0
+    assert lr() == pytest.approx(cfg.lr_min_factor)
+    now[0] = 1000.0 + 60.0 * 1 / 12
+    assert lr() == pytest.approx(0.5)
+    state.init_s = 150.0                 # the initialisation took the whole budget
     assert lr() == pytest.approx(cfg.lr_min_factor)
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(time_schedule=True).validated()

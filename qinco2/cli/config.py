@@ -106,6 +106,7 @@ class CliArgs:
     max_time_s: Optional[float] = _key(None, "wall-clock budget of the training, seconds")
     time_schedule: bool = _key(False, "spread warm-up and cosine schedule over max_time_s, not over epochs")
     cpu_bf16: bool = _key(False, "train in bfloat16 on the CPU (1.3-1.7x on CPUs with bfloat16 units)")
+    init_refine: int = _key(0, "rounds of joint least-squares refinement of the RQ codebooks before training")
     small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
     threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
     adaptive_threads: bool = _key(True, "use fewer CPU threads while other processes keep cores busy "
@@ -116,7 +117,7 @@ class CliArgs:
 DEMO_OUTPUT = "qinco2-demo.pt"      # task=demo without output=
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
 TRAIN_KEYS = ("lr", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
-              "max_time_s", "time_schedule", "cpu_bf16", "tensorboard")
+              "max_time_s", "time_schedule", "cpu_bf16", "init_refine", "tensorboard")
 GRID_KEYS = ("nprobe", "quantizer_efSearch", "nshort", "nmid_short")  # one value or a list
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +147,11 @@ class QincoCodec:
         if len(x_train) < self.model_config.K:
             raise InputError(f"need at least K={self.model_config.K} training vectors, got {len(x_train)}")
         torch.manual_seed(self.train_config.seed)
+        started = time.monotonic()
         resume_payload = self._prepare_model(x_train, output, resume, init_model, ivf_centroids)
         self.train_state_ = fit(self.model_, self.train_config, x_train, x_val, mse_scale=mse_scale,
-                                output=output, resume=resume_payload, progress=progress, workers=workers)
+                                output=output, resume=resume_payload, progress=progress, workers=workers,
+                                init_s=time.monotonic() - started)
         return self
 
     def _prepare_model(self, x_train, output, resume, init_model, ivf_centroids) -> dict | None:

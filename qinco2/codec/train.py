@@ -56,6 +56,7 @@ class TrainState:
     init_mse: float | None = None
     step: int = 0
     elapsed_s: float = 0.0
+    init_s: float = 0.0             # seconds of the initialisation, charged to the time budget
     history: list = dataclasses.field(default_factory=list)
 
 
@@ -84,12 +85,16 @@ def _lr_for(cfg: TrainConfig, t: float, spent: float | None) -> float | None:
     return cfg.lr * cosine_factor(t, cfg)
 
 
-def _time_spent(cfg: TrainConfig, deadline: float | None, workers: Workers, device) -> float | None:
-    """Share of the time budget used, the largest over the processes (so that all of them
-    follow one schedule and stop at the same step); None without a budget."""
+def _time_spent(cfg: TrainConfig, state: TrainState, deadline: float | None, workers: Workers,
+                device) -> float | None:
+    """Share used of the training part of the time budget (the budget less the initialisation,
+    so that the warm-up is not spent before training starts), the largest over the processes
+    (so that all of them follow one schedule and stop at the same step); None without a budget."""
     if deadline is None:
         return None
-    spent = torch.tensor([1.0 - (deadline - time.monotonic()) / cfg.max_time_s], device=device)
+    training_s = cfg.max_time_s - state.init_s
+    share = 1.0 - (deadline - time.monotonic()) / training_s if training_s > 0 else 1.0
+    spent = torch.tensor([share], device=device)
     return float(workers.all_reduce_(spent, "max")[0])
 
 
@@ -121,7 +126,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
             losses.append(loss_rec.item() + loss_pre.item())
         _check_loss(run, losses[-1], i, n_batches)
         run.scaler.scale((loss_rec + loss_pre) / cfg.grad_accumulate).backward()
-        spent = _time_spent(cfg, deadline, workers, device)
+        spent = _time_spent(cfg, state, deadline, workers, device)
         if (i + 1) % cfg.grad_accumulate == 0 or i + 1 == n_batches:
             _optimizer_step(run, _lr_for(cfg, state.epoch + (i + 1) / n_batches, spent))
         if cfg.codeword_reset and reset_after_batch(i, n_batches, cfg.reset_every):
@@ -204,7 +209,7 @@ def _stop_reason(cfg: TrainConfig, state: TrainState, finished_epoch: int) -> st
 @threads.adapting     # fewer CPU threads while other processes keep cores busy
 def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray, *,
         mse_scale: float = 1.0, output=None, resume: dict | None = None,
-        progress: bool = True, workers: Workers = Workers()) -> TrainState:
+        progress: bool = True, workers: Workers = Workers(), init_s: float = 0.0) -> TrainState:
     """Train ``model`` in place; the best model (by validation MSE) is loaded at the end: the
     initialisation itself when no epoch beats it (``state.best_epoch == -1``).
 
@@ -213,7 +218,8 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
     killed run continues with ``resume`` = the file's ``training`` part from the end of its
     last epoch; all randomness is derived from ``cfg.seed`` and the epoch number. A resumed
     run that had already finished (max_epochs, early stop, time budget) trains nothing more.
-    ``model`` must already be initialised (:func:`initialize`) unless resuming.
+    ``model`` must already be initialised (:func:`initialize`) unless resuming; ``init_s``,
+    the seconds that took, count against ``cfg.max_time_s`` (a fresh run starts with them spent).
     ``workers``: data-parallel processes (each runs its share of every epoch's batches;
     gradients, statistics and validation are reduced; only rank 0 writes and logs).
 
@@ -232,6 +238,7 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
                         state.epoch - 1, done)
         return _finish(run)
     if state.init_mse is None:
+        state.elapsed_s = state.init_s = init_s
         state.init_mse = validation_mse(model, x_val, A=mcfg.A, B=mcfg.B, mse_scale=mse_scale, workers=workers)
         state.best_mse = state.init_mse                 # the initialisation is the model to beat
         _info(workers, "validation MSE after initialisation: %.6g", state.init_mse)
@@ -245,7 +252,7 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         raise ConfigError(f"an epoch of {min(len(x_train), cfg.loop)} rows in batches of {cfg.batch} gives no "
                           f"batch to each of {workers.world_size} processes; lower batch or use fewer processes")
     while True:
-        _set_lr(run.opt, _lr_for(cfg, state.epoch, _time_spent(cfg, deadline, workers, model.mean.device)))
+        _set_lr(run.opt, _lr_for(cfg, state.epoch, _time_spent(cfg, state, deadline, workers, model.mean.device)))
         with progress_bar(total=n_batches, desc=f"epoch {state.epoch}", enabled=progress and workers.is_main,
                           leave=False) as bar:
             loss, resets, out_of_time = _train_epoch(run, x_train, bar, deadline)
