@@ -35,7 +35,7 @@ from bench_codecs import QINCO_SETTINGS, environment
 from qinco2 import DataLimits, QincoCodec, resolve_dataset
 from qinco2.codec.codes_io import encode_to_file, load_encoded, model_sha
 from qinco2.ivf import train_ivf_centroids
-from qinco2.ivfsearch.multistage import pareto_front, plot_pareto, sweep
+from qinco2.ivfsearch.multistage import load_runs, pareto_front, plot_pareto, sweep
 from qinco2.ivfsearch.pairwise import PairwiseDecoder
 from qinco2.ivfsearch.shortlist import build_index, factory_string, load_index, save_index
 from qinco2.metrics import knn, mse, recall_at
@@ -175,9 +175,16 @@ def run_ours(args, work: Path, xq, gt) -> dict[str, list[dict]]:
         log_path = work / f"sweep_{'pairwise' if pw else 'plain'}{'_bf16' if bf16 else ''}.json"
         grid = dict(OUR_GRID, nprobe=[p for p in OUR_GRID["nprobe"] if p <= args.ivf_K])
         label += ", bf16 decoding" if bf16 else ""
+        cached = {_key(r) for r in load_runs(log_path)} if log_path.is_file() else set()
         out[label] = sweep(index, codec, db_codes, xq, gt, grid, pairwise=pw, log_path=log_path,
                            resume=True, threads=args.threads, progress=True, decode_precision=args.decode_precision)
+        for r in out[label]:
+            r["cached"] = _key(r) in cached      # measured by an earlier run, which wrote its row
     return out
+
+
+def _key(run: dict) -> str:
+    return json.dumps(run["parameters"], sort_keys=True)
 
 
 def rabitq_bits(d: int, M: int) -> str:
@@ -303,12 +310,15 @@ def draw(args, curves: dict, meta: dict, n_db: int) -> None:
 
 
 def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> None:
-    """Append every operating point to ``--out`` (the index's ``meta``, e.g. the pipeline's
-    stage log, only on its first row of the run), draw the Pareto fronts, print them."""
+    """Append the operating points measured by this run to ``--out`` (those a resumed sweep took
+    from its log were written, with their date, by the run that measured them; the index's
+    ``meta``, e.g. the pipeline's stage log, on its first row), draw the Pareto fronts of all,
+    print them."""
     with open(args.out, "a") as f:
         for label, runs in curves.items():
             front = {id(r) for r in pareto_front(runs)}
-            for i, r in enumerate(runs):
+            fresh = [r for r in runs if not r.pop("cached", False)]
+            for i, r in enumerate(fresh):
                 row = {**common, "index": label, "pareto": id(r) in front, **r,
                        "bytes_per_vector": meta[label]["bytes_per_vector"], **({"meta": meta[label]} if i == 0 else {})}
                 f.write(json.dumps(row) + "\n")

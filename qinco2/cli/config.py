@@ -103,7 +103,7 @@ class CliArgs:
     tensorboard: Optional[str] = _key(None, "folder of TensorBoard logs (null = none)")
     cpu: bool = _key(False, "run on the CPU even when a GPU is there")
     seed: int = _key(0, "random seed")
-    max_time_s: Optional[float] = _key(None, "wall-clock budget of the training, seconds")
+    max_time_s: Optional[float] = _key(None, "wall-clock budget of the training, seconds (initialisation included)")
     time_schedule: bool = _key(False, "spread warm-up and cosine schedule over max_time_s, not over epochs")
     cpu_bf16: bool = _key(False, "train in bfloat16 on the CPU (1.3-1.7x on CPUs with bfloat16 units)")
     init_refine: int = _key(0, "rounds of joint least-squares refinement of the RQ codebooks before training")

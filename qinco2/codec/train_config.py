@@ -42,7 +42,7 @@ class TrainConfig:
     amp: bool = True                    # fp16 autocast, CUDA only
     cpu_bf16: bool = False              # bfloat16 training steps on the CPU: autocast and the beam search
     seed: int = 0
-    max_time_s: float | None = None     # wall-clock budget; stops after the current batch
+    max_time_s: float | None = None     # wall-clock budget, initialisation included; stops after the current batch
     time_schedule: bool = False         # spread warm-up + cosine over max_time_s, not over epochs
     max_epochs: int | None = None
     tensorboard: str | None = None
