@@ -164,27 +164,23 @@ def prepare(args, ds, xt_raw, xv_raw, xb, xq, gt) -> dict:
     return info
 
 
-def run_ours(args, work: Path, xq, gt) -> dict[str, list[dict]]:
+def run_ours(args, work: Path, xq, gt) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Our sweeps (resumed from their logs under ``work``) and, per curve, how many of its runs
+    came from the log (``sweep`` returns those first)."""
     codec = QincoCodec.load(work / "model.pt")
     db_codes = load_encoded(work / "codes_db.npy", require_ivf=True)["codes"]
     index = load_index(work / "index.faissindex", model_sha=model_sha(codec), n_db=len(db_codes))
     pairwise = PairwiseDecoder.load(work / "pairwise.pt")
-    out = {}
+    out, cached = {}, {}
     bf16 = args.decode_precision == "bf16"
     for label, pw in (("IVF-QINCo2", None), ("IVF-QINCo2 + pairwise", pairwise)):
         log_path = work / f"sweep_{'pairwise' if pw else 'plain'}{'_bf16' if bf16 else ''}.json"
         grid = dict(OUR_GRID, nprobe=[p for p in OUR_GRID["nprobe"] if p <= args.ivf_K])
         label += ", bf16 decoding" if bf16 else ""
-        cached = {_key(r) for r in load_runs(log_path)} if log_path.is_file() else set()
+        cached[label] = len(load_runs(log_path)) if log_path.is_file() else 0
         out[label] = sweep(index, codec, db_codes, xq, gt, grid, pairwise=pw, log_path=log_path,
                            resume=True, threads=args.threads, progress=True, decode_precision=args.decode_precision)
-        for r in out[label]:
-            r["cached"] = _key(r) in cached      # measured by an earlier run, which wrote its row
-    return out
-
-
-def _key(run: dict) -> str:
-    return json.dumps(run["parameters"], sort_keys=True)
+    return out, cached
 
 
 def rabitq_bits(d: int, M: int) -> str:
@@ -309,16 +305,15 @@ def draw(args, curves: dict, meta: dict, n_db: int) -> None:
                                            f"{args.ivf_K} lists, {args.threads} threads")
 
 
-def write_results(args, curves: dict, meta: dict, common: dict, n_db: int) -> None:
-    """Append the operating points measured by this run to ``--out`` (those a resumed sweep took
-    from its log were written, with their date, by the run that measured them; the index's
-    ``meta``, e.g. the pipeline's stage log, on its first row), draw the Pareto fronts of all,
-    print them."""
+def write_results(args, curves: dict, meta: dict, common: dict, n_db: int, cached: dict[str, int]) -> None:
+    """Append the operating points measured by this run to ``--out`` (the first ``cached[label]``
+    runs of a curve came from a resumed sweep's log: the run that measured them wrote them, with
+    its date; the index's ``meta``, e.g. the pipeline's stage log, on its first row), draw the
+    Pareto fronts of all, print them."""
     with open(args.out, "a") as f:
         for label, runs in curves.items():
             front = {id(r) for r in pareto_front(runs)}
-            fresh = [r for r in runs if not r.pop("cached", False)]
-            for i, r in enumerate(fresh):
+            for i, r in enumerate(runs[cached.get(label, 0):]):
                 row = {**common, "index": label, "pareto": id(r) in front, **r,
                        "bytes_per_vector": meta[label]["bytes_per_vector"], **({"meta": meta[label]} if i == 0 else {})}
                 f.write(json.dumps(row) + "\n")
@@ -340,13 +335,13 @@ def main() -> None:
     xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
     xq, gt = ds.query_vectors(), ds.ground_truth()
     env = environment(args.threads)
-    curves, meta = {}, {}
+    curves, meta, cached = {}, {}, {}
     if not args.faiss_only:
         info = prepare(args, ds, xt_raw, xv_raw, xb, xq, gt)
         print(json.dumps(info, indent=1))
         if args.stages_only or args.stop_after:
             return
-        curves = run_ours(args, Path(args.work), xq, gt)
+        curves, cached = run_ours(args, Path(args.work), xq, gt)
         # the shortlist index holds the M code bytes + 1 byte of norm; re-ranking decodes the same codes
         meta = {label: {"pipeline": info, "code_bytes": args.M, "shortlist_code_bytes": args.M + 1,
                         "bytes_per_vector": args.M + 1} for label in curves}
@@ -357,7 +352,7 @@ def main() -> None:
     common = {"bench": "ivf_search", "dataset": args.dataset, "ivf_K": args.ivf_K, "M": args.M,
               "n_db": len(xb), "n_queries": len(xq), **env}
     if curves:
-        write_results(args, curves, meta, common, len(xb))
+        write_results(args, curves, meta, common, len(xb), cached)
     if args.add_runs:
         add_earlier_runs(args, curves, meta, len(xb))
 
