@@ -111,8 +111,10 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) ->
     st = codec.train_state_
     usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
     arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
+    training = {k: getattr(codec.train_config, k) for k in ("weight_decay", "patience")}   # after the small-data rule
     return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides,
-            "eval_A": A, "eval_B": B, "architecture": arch, "n_train": len(xt), "epochs_run": st.epoch,
+            "eval_A": A, "eval_B": B, "architecture": arch, "training": training,
+            "n_train": len(xt), "epochs_run": st.epoch,
             "best_epoch": st.best_epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
             "usage_per_step": [round(float(u), 3) for u in usage],
             "entropy_per_step": [round(float(e), 2) for e in entropy],

@@ -46,6 +46,18 @@ def model_file(files, tmp_path_factory):
     return str(out)
 
 
+def test_training_keys_reach_the_training(files, tmp_path):
+    """Regularisation keys given on the command line are the training's settings (the model file's)."""
+    from qinco2.checkpoint import load_checkpoint
+
+    out = tmp_path / "m.pt"
+    rc = main(["task=train", f"trainset={files['learn']}", f"output={out}", "max_epochs=1",
+               "weight_decay=0.5", "train_noise=0.2", *TINY_MODEL])
+    assert rc == 0
+    config = load_checkpoint(out)["training"]["config"]
+    assert (config["weight_decay"], config["train_noise"], config["lr"]) == (0.5, 0.2, 3e-3)
+
+
 def _data_args(files) -> list[str]:
     return [f"db={files['base']}", f"trainset={files['learn']}", f"queries={files['query']}",
             f"queries_gt={files['gt']}", "cpu=true", "verbose=false"]

@@ -332,6 +332,34 @@ def test_same_seed_same_model_other_seed_other_model(data):
     assert not torch.equal(sd[0]["steps.1.codebook"], sd[2]["steps.1.codebook"])
 
 
+def test_train_noise_jitters_the_training_rows_only_seeded_by_epoch(data, monkeypatch):
+    """``train_noise``: each training batch is the batch of a run without noise plus Gaussian noise
+    of ``train_noise`` times the batch's spread, drawn from the seed and the epoch (a resumed
+    run draws the same); the validation rows are never jittered."""
+    x_train, x_val = data[0][:1200], data[1][:300]
+    seen = {}
+    real_encode = train_module.encode
+
+    def spy(model, u, **kwargs):
+        seen.setdefault(key, []).append(u.clone())
+        return real_encode(model, u, **kwargs)
+    monkeypatch.setattr(train_module, "encode", spy)
+    runs = {}
+    for key, noise in (("clean", 0.0), ("noisy", 0.3), ("again", 0.3)):
+        runs[key] = _codec(max_epochs=2, train_noise=noise).train(x_train, x_val, progress=False)
+    assert len(seen["clean"]) == len(seen["noisy"]) == 10           # 5 batches x 2 epochs
+    for clean, noisy, again in zip(seen["clean"], seen["noisy"], seen["again"]):
+        spread = clean.pow(2).mean().sqrt()
+        jitter = (noisy - clean) / spread
+        assert float(jitter.std()) == pytest.approx(0.3, rel=0.05) and abs(float(jitter.mean())) < 0.02
+        assert torch.equal(noisy, again)                            # seeded
+    first_batches = [seen["noisy"][i] - seen["clean"][i] for i in (0, 5)]
+    assert not torch.allclose(first_batches[0][:10], first_batches[1][:10])  # each epoch its own draw
+    assert runs["noisy"].train_state_.init_mse == runs["clean"].train_state_.init_mse  # clean validation
+    with pytest.raises(ConfigError, match="train_noise"):
+        TrainConfig(train_noise=-0.1).validated()
+
+
 def test_qinco1_preset_trains_with_adam_and_plateau(data):
     x_train, x_val = data[0][:1200], data[1][:300]
     codec = QincoCodec.from_preset("qinco1", M=2, K=16, L=1, dh=16, batch=256, lr=1e-3,

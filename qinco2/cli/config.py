@@ -93,6 +93,7 @@ class CliArgs:
     refine_ratio: float = _key(1.0, "candidates re-ranked per neighbour (needs refine=)")
     ds: DataArgs = field(default_factory=DataArgs)
     lr: float = _key(0.0008, "learning rate")
+    weight_decay: float = _key(0.1, "weight decay of the optimizer (AdamW: decoupled, on every trained value)")
     batch: int = _key(1024, "training batch size")
     epochs: int = _key(60, "length of the learning-rate schedule, in epochs")
     max_epochs: Optional[int] = _key(None, "stop after this many epochs (null = epochs)")
@@ -107,6 +108,8 @@ class CliArgs:
     time_schedule: bool = _key(False, "spread warm-up and cosine schedule over max_time_s, not over epochs")
     cpu_bf16: bool = _key(False, "train in bfloat16 on the CPU (1.3-1.7x on CPUs with bfloat16 units)")
     init_refine: int = _key(0, "rounds of joint least-squares refinement of the RQ codebooks before training")
+    train_noise: float = _key(0.0, "Gaussian noise added to each training row, std relative to the rows' spread "
+                              "(a regulariser for small training sets)")
     small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
     threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
     adaptive_threads: bool = _key(True, "use fewer CPU threads while other processes keep cores busy "
@@ -116,8 +119,9 @@ class CliArgs:
 
 DEMO_OUTPUT = "qinco2-demo.pt"      # task=demo without output=
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
-TRAIN_KEYS = ("lr", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
-              "max_time_s", "time_schedule", "cpu_bf16", "init_refine", "tensorboard")
+TRAIN_KEYS = ("lr", "weight_decay", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
+              "max_time_s", "time_schedule", "cpu_bf16", "init_refine", "train_noise",
+              "tensorboard")
 GRID_KEYS = ("nprobe", "quantizer_efSearch", "nshort", "nmid_short")  # one value or a list
 
 

@@ -112,11 +112,14 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     # final beams (a quarter of the float32 search's work at B=2; the step needs only the codes)
     precision = "bf16" if amp == torch.bfloat16 else "fp32"
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
+    noise = _noise_generator(cfg, state.epoch, device)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):     # encode() calls threads.tick()
         with workers.synced(f"training on batch {i + 1} of epoch {state.epoch}"):    # no collective inside
             u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
+            if noise is not None:
+                u = _add_noise(u, cfg.train_noise, noise)
             codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B, precision=precision, rescored=False)
             for m, used in enumerate(usage):
                 if used is not None:
@@ -144,6 +147,24 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
             break
     loss = workers.all_reduce_(torch.tensor([float(np.mean(losses)) if losses else math.nan], device=device), "mean")
     return float(loss[0]), resets, out_of_time
+
+
+def _noise_generator(cfg: TrainConfig, epoch: int, device) -> torch.Generator | None:
+    """The generator of an epoch's ``train_noise``, seeded from the seed and the epoch (so that a
+    resumed run draws the same noise, and the batches are those of a run without noise); None
+    without noise."""
+    if not cfg.train_noise:
+        return None
+    seed = int(np.random.default_rng([cfg.seed, epoch, 1]).integers(2**62))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _add_noise(u_ND: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """``u + std * rms(u) * e``, ``e`` standard normal: noise ``std`` times the rows' spread
+    (the root mean square of the batch's coordinates), whatever the normalisation."""
+    spread = u_ND.pow(2).mean().sqrt()
+    e_ND = torch.randn(u_ND.shape, generator=generator, device=u_ND.device, dtype=u_ND.dtype)
+    return u_ND + (std * spread) * e_ND
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -36,6 +36,7 @@ class TrainConfig:
     init_noise: float = 0.1
     init_samples: int = 1_000_000
     init_refine: int = 0                # joint least-squares refinements of the RQ codebooks (rq_init)
+    train_noise: float = 0.0            # Gaussian noise on training rows, std relative to their spread
     codeword_reset: bool = True
     reset_every: int = 20               # batches between codeword resets (see .resets); <= 0: per epoch
     normalization: str = "mean_std"     # "mean_std" (QINCo2) | "max_abs" (QINCo1)
@@ -77,8 +78,8 @@ class TrainConfig:
 _RANGES = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "batch": "int >= 1",
            "grad_accumulate": "int >= 1", "epochs": "int >= 1", "ramp_epochs": "int >= 0",
            "lr_min_factor": ">= 0", "patience": "int >= 1", "loop": "int >= 1", "init_noise": ">= 0",
-           "init_samples": "int >= 1", "init_refine": "int >= 0", "seed": "int >= 0", "max_time_s": "> 0",
-           "max_epochs": "int >= 1"}
+           "init_samples": "int >= 1", "init_refine": "int >= 0", "train_noise": ">= 0", "seed": "int >= 0",
+           "max_time_s": "> 0", "max_epochs": "int >= 1"}
 _OPTIONAL = {"grad_clip", "max_time_s", "max_epochs"}
 
 
