@@ -112,7 +112,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     # final beams (a quarter of the float32 search's work at B=2; the step needs only the codes)
     precision = "bf16" if amp == torch.bfloat16 else "fp32"
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
-    noise = _noise_generator(cfg, state.epoch, device)
+    noise = _noise_generator(cfg, state.epoch, workers.rank, device)
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, batch in enumerate(batches):     # encode() calls threads.tick()
@@ -149,13 +149,13 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     return float(loss[0]), resets, out_of_time
 
 
-def _noise_generator(cfg: TrainConfig, epoch: int, device) -> torch.Generator | None:
-    """The generator of an epoch's ``train_noise``, seeded from the seed and the epoch (so that a
-    resumed run draws the same noise, and the batches are those of a run without noise); None
-    without noise."""
+def _noise_generator(cfg: TrainConfig, epoch: int, rank: int, device) -> torch.Generator | None:
+    """The generator of an epoch's ``train_noise`` on process ``rank``, seeded from the seed, the
+    epoch and the rank (a resumed run draws the same noise, the processes of a launched run each
+    their own, and the batches are those of a run without noise); None without noise."""
     if not cfg.train_noise:
         return None
-    seed = int(np.random.default_rng([cfg.seed, epoch, 1]).integers(2**62))
+    seed = int(np.random.default_rng([cfg.seed, epoch, 1, rank]).integers(2**62))
     return torch.Generator(device=device).manual_seed(seed)
 
 
