@@ -332,10 +332,11 @@ def test_same_seed_same_model_other_seed_other_model(data):
     assert not torch.equal(sd[0]["steps.1.codebook"], sd[2]["steps.1.codebook"])
 
 
-def test_train_noise_jitters_the_training_rows_only_seeded_by_epoch(data, monkeypatch):
+def test_train_noise_jitters_the_training_rows_only_seeded(data, monkeypatch):
     """``train_noise``: each training batch is the batch of a run without noise plus Gaussian noise
-    of ``train_noise`` times the batch's spread, drawn from the seed and the epoch (a resumed
-    run draws the same); the validation rows are never jittered."""
+    of ``train_noise`` times the batch's spread, drawn from the seed, the epoch and the process
+    (the same run draws the same); the validation (which never reaches the training's encode
+    call) is that of a run without noise."""
     x_train, x_val = data[0][:1200], data[1][:300]
     seen = {}
     real_encode = train_module.encode
