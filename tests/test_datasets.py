@@ -296,6 +296,21 @@ def test_shuffling_stays_inside_blocks() -> None:
         assert not np.array_equal(got, want)  # but the block was shuffled
 
 
+@pytest.mark.parametrize("full_pass", [False, True])
+def test_batches_with_ids_name_their_rows(full_pass) -> None:
+    """with_ids gives the same batches, each with the row numbers of its rows (windows that wrap
+    around the file and full permutations, batches spanning two blocks, several processes)."""
+    train = ids_matrix(1_000) * 10
+    for rank in (0, 1):
+        kw = dict(loop=700, batch_size=48, block_rows=100, full_pass=full_pass, rank=rank, world_size=2)
+        plain = collect(train, 1, **kw)
+        pairs = collect(train, 1, with_ids=True, **kw)
+        assert len(pairs) == len(plain) > 0
+        for rows, (rows_too, ids) in zip(plain, pairs):
+            np.testing.assert_array_equal(rows, rows_too)
+            np.testing.assert_array_equal(rows[:, 0], ids * 10)
+
+
 def test_ranks_partition_the_batches() -> None:
     train, kw = ids_matrix(1_000), dict(loop=700, batch_size=64, block_rows=256)
     single = collect(train, 1, **kw)  # 11 batches, the last one 60 rows

@@ -110,6 +110,9 @@ class CliArgs:
     init_refine: int = _key(0, "rounds of joint least-squares refinement of the RQ codebooks before training")
     train_noise: float = _key(0.0, "Gaussian noise added to each training row, std relative to the rows' spread "
                               "(a regulariser for small training sets)")
+    neighbour_mix: float = _key(0.0, "move each training row a random share, up to this, of the way to one of its "
+                                "nearest training rows (a regulariser for small training sets)")
+    neighbour_k: int = _key(10, "nearest training rows neighbour_mix draws from")
     small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
     threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
     adaptive_threads: bool = _key(True, "use fewer CPU threads while other processes keep cores busy "
@@ -121,7 +124,7 @@ DEMO_OUTPUT = "qinco2-demo.pt"      # task=demo without output=
 ARCH_KEYS = ("L", "dh", "M", "K", "A", "B", "de")
 TRAIN_KEYS = ("lr", "weight_decay", "batch", "epochs", "max_epochs", "grad_accumulate", "grad_clip", "seed",
               "max_time_s", "time_schedule", "cpu_bf16", "init_refine", "train_noise",
-              "tensorboard")
+              "neighbour_mix", "neighbour_k", "tensorboard")
 GRID_KEYS = ("nprobe", "quantizer_efSearch", "nshort", "nmid_short")  # one value or a list
 
 

@@ -97,8 +97,9 @@ def epoch_length(
 def _window_blocks(
     train: np.ndarray, epoch: int, loop: int, block_rows: int, rng: np.random.Generator, check
 ) -> Iterator[np.ndarray]:
-    """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted;
-    ``check(rows, first_row=...)`` is called on the rows as they are read."""
+    """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted,
+    with their row numbers: ``(rows, ids)``; ``check(rows, first_row=...)`` is called on the rows
+    as they are read."""
     n = len(train)
     start = (epoch * loop) % n
     for offset in range(0, loop, block_rows):
@@ -109,14 +110,17 @@ def _window_blocks(
         for (a, _), part in zip(spans, parts):
             check(part, first_row=a)
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        yield block[rng.permutation(len(block))]
+        ids = np.concatenate([np.arange(a, b) for a, b in spans])
+        shuffle = rng.permutation(len(block))
+        yield block[shuffle], ids[shuffle]
 
 
 def _permuted_blocks(
     train: np.ndarray, block_rows: int, rng: np.random.Generator, check
 ) -> Iterator[np.ndarray]:
-    """The whole training set in one random order, gathered ``block_rows`` rows at a time;
-    ``check(rows, row_ids=...)`` is called on the rows as they are read."""
+    """The whole training set in one random order, gathered ``block_rows`` rows at a time, with
+    their row numbers: ``(rows, ids)``; ``check(rows, row_ids=...)`` is called on the rows as they
+    are read."""
     order = rng.permutation(len(train))
     for i in range(0, len(order), block_rows):
         idx = order[i : i + block_rows]
@@ -125,25 +129,26 @@ def _permuted_blocks(
         check(rows, row_ids=idx[sort])
         block = np.empty((len(idx), *train.shape[1:]), dtype=train.dtype)
         block[sort] = rows
-        yield block
+        yield block, idx
 
 
-def _cut(blocks: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Cut a stream of row blocks into consecutive batches (only the last may be short)."""
-    carry: np.ndarray | None = None  # the start of a batch that spans two blocks
+def _cut(blocks: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Cut a stream of ``(rows, ids)`` blocks into consecutive batches (only the last may be short)."""
+    carry: tuple | None = None  # the start of a batch that spans two blocks
     for block in blocks:
         if carry is not None:
-            need = batch_size - len(carry)
-            carry, block = np.concatenate([carry, block[:need]]), block[need:]
-            if len(carry) < batch_size:
+            need = batch_size - len(carry[0])
+            carry = tuple(np.concatenate([c, b[:need]]) for c, b in zip(carry, block))
+            block = tuple(b[need:] for b in block)
+            if len(carry[0]) < batch_size:
                 continue
             yield carry
             carry = None
-        n_full = len(block) // batch_size * batch_size
+        n_full = len(block[0]) // batch_size * batch_size
         for i in range(0, n_full, batch_size):
-            yield block[i : i + batch_size]
-        if n_full < len(block):
-            carry = block[n_full:]
+            yield tuple(b[i : i + batch_size] for b in block)
+        if n_full < len(block[0]):
+            carry = tuple(b[n_full:] for b in block)
     if carry is not None:
         yield carry
 
@@ -160,8 +165,11 @@ def epoch_batches(
     world_size: int = 1,
     full_pass: bool = False,
     what: str = "x_train",
-) -> Iterator[np.ndarray]:
-    """The training batches of one epoch for process ``rank``, in the file's dtype.
+    with_ids: bool = False,
+) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The training batches of one epoch for process ``rank``, in the file's dtype; with
+    ``with_ids``, ``(rows, ids)`` pairs, ``ids`` the rows' numbers in ``train`` (the same
+    batches in the same order).
 
     If the training set has more than ``loop`` rows (and not ``full_pass``),
     epoch ``e`` covers rows ``(e * loop + j) mod n_train`` for ``j < loop``: a
@@ -200,7 +208,7 @@ def epoch_batches(
     # each process takes whole rounds of world_size batches, so that all of them have read the
     # same rows (and meet a bad row in the same round) before the collectives of a step
     rounds = iter(lambda: list(itertools.islice(batches, world_size)), [])
-    return (batches_W[rank] for batches_W in rounds)
+    return (batches_W[rank] if with_ids else batches_W[rank][0] for batches_W in rounds)
 
 
 @torch.no_grad()

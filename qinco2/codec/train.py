@@ -1,6 +1,7 @@
 """Training: the two-pass optimisation loop, schedules, codeword resets (:mod:`.resets`),
 validation, best-model checkpoints and resume; the initialisation is in :mod:`.rq_init`, the
-reading of the training and validation rows in :mod:`.batches`."""
+reading of the training and validation rows in :mod:`.batches`, their augmentations in
+:mod:`.augment`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..checkpoint import save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError
 from ..progress import progress_bar
+from .augment import add_noise, mix_with_neighbours, noise_generator, pick_neighbours, training_neighbours
 from .batches import TRAIN_FIX, VAL_FIX, epoch_batches, epoch_length, require_rows
 from .batches import validation_mse as validation_mse
 from .encode import encode
@@ -73,6 +75,7 @@ class _Run:
     state: TrainState
     best_weights: dict
     writer: object | None  # a tensorboard SummaryWriter on rank 0, or None
+    neighbours: np.ndarray | None = None  # (N, k) training rows' neighbours, for neighbour_mix
 
 
 def _lr_for(cfg: TrainConfig, t: float, spent: float | None) -> float | None:
@@ -112,14 +115,14 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     # final beams (a quarter of the float32 search's work at B=2; the step needs only the codes)
     precision = "bf16" if amp == torch.bfloat16 else "fp32"
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
-    noise = _noise_generator(cfg, state.epoch, workers.rank, device)
-    batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng,
+    draws = noise_generator(cfg.seed, state.epoch, workers.rank, device) if _augmented(cfg) else None
+    batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng, with_ids=True,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
-    for i, batch in enumerate(batches):     # encode() calls threads.tick()
+    for i, (batch, ids) in enumerate(batches):     # encode() calls threads.tick()
         with workers.synced(f"training on batch {i + 1} of epoch {state.epoch}"):    # no collective inside
             u = model.normalize(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
-            if noise is not None:
-                u = _add_noise(u, cfg.train_noise, noise)
+            if draws is not None:
+                u = _augment(run, x_train, u, ids, draws)
             codes, _ = encode(model, u, A=mcfg.A, B=mcfg.B, precision=precision, rescored=False)
             for m, used in enumerate(usage):
                 if used is not None:
@@ -149,22 +152,24 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     return float(loss[0]), resets, out_of_time
 
 
-def _noise_generator(cfg: TrainConfig, epoch: int, rank: int, device) -> torch.Generator | None:
-    """The generator of an epoch's ``train_noise`` on process ``rank``, seeded from the seed, the
-    epoch and the rank (a resumed run draws the same noise, the processes of a launched run each
-    their own, and the batches are those of a run without noise); None without noise."""
-    if not cfg.train_noise:
-        return None
-    seed = int(np.random.default_rng([cfg.seed, epoch, 1, rank]).integers(2**62))
-    return torch.Generator(device=device).manual_seed(seed)
+def _augmented(cfg: TrainConfig) -> bool:
+    return bool(cfg.train_noise or cfg.neighbour_mix)
 
 
-def _add_noise(u_ND: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """``u + std * rms(u) * e``, ``e`` standard normal: noise ``std`` times the rows' spread
-    (the root mean square of the batch's coordinates), whatever the normalisation."""
-    spread = u_ND.pow(2).mean().sqrt()
-    e_ND = torch.randn(u_ND.shape, generator=generator, device=u_ND.device, dtype=u_ND.dtype)
-    return u_ND + (std * spread) * e_ND
+def _augment(run: _Run, x_train, u_ND: torch.Tensor, ids_N: np.ndarray, draws: torch.Generator) -> torch.Tensor:
+    """The training batch ``u_ND`` (rows ``ids_N`` of ``x_train``, normalised) mixed with neighbours
+    (``neighbour_mix``), then jittered (``train_noise``); :mod:`.augment`."""
+    cfg, model = run.cfg, run.model
+    if cfg.neighbour_mix:
+        picked = pick_neighbours(ids_N, run.neighbours, draws)
+        order = np.argsort(picked)
+        rows = np.empty((len(picked), u_ND.shape[1]), dtype=np.float32)
+        rows[order] = np.asarray(x_train[picked[order]], dtype=np.float32)    # read in file order
+        v_ND = model.normalize(torch.from_numpy(rows).to(u_ND.device))
+        u_ND = mix_with_neighbours(u_ND, v_ND, cfg.neighbour_mix, draws)
+    if cfg.train_noise:
+        u_ND = add_noise(u_ND, cfg.train_noise, draws)
+    return u_ND
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -267,6 +272,7 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
             raise _diverged(run, f"the validation MSE of the initialisation is {state.init_mse}")
     start = time.monotonic() - state.elapsed_s
     deadline = start + cfg.max_time_s if cfg.max_time_s else None
+    run.neighbours = _neighbours(model, cfg, x_train)       # its time counts against the budget
     n_batches = epoch_length(len(x_train), cfg.loop, cfg.batch, world_size=workers.world_size,
                              full_pass=cfg.full_epochs)
     if n_batches == 0:
@@ -287,6 +293,17 @@ def fit(model: QincoModel, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndar
         if out_of_time or _stop_reason(cfg, state, epoch):
             break
     return _finish(run)
+
+
+def _neighbours(model: QincoModel, cfg: TrainConfig, x_train) -> np.ndarray | None:
+    """The training rows' neighbours for ``neighbour_mix`` (None without it), by the distance of the
+    normalised rows; found anew when a run resumes (seeded, so the same)."""
+    @torch.no_grad()
+    def normalize(x_nD: np.ndarray) -> torch.Tensor:
+        return model.normalize(torch.from_numpy(x_nD).to(model.mean.device))
+    if not cfg.neighbour_mix:
+        return None
+    return training_neighbours(x_train, cfg.neighbour_k, normalize=normalize, seed=cfg.seed)
 
 
 def _finish(run: _Run) -> TrainState:

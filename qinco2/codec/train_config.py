@@ -37,6 +37,8 @@ class TrainConfig:
     init_samples: int = 1_000_000
     init_refine: int = 0                # joint least-squares refinements of the RQ codebooks (rq_init)
     train_noise: float = 0.0            # Gaussian noise on training rows, std relative to their spread
+    neighbour_mix: float = 0.0          # move training rows up to this share of the way to a near training row
+    neighbour_k: int = 10               # near rows to draw from (.augment.training_neighbours)
     codeword_reset: bool = True
     reset_every: int = 20               # batches between codeword resets (see .resets); <= 0: per epoch
     normalization: str = "mean_std"     # "mean_std" (QINCo2) | "max_abs" (QINCo1)
@@ -79,6 +81,7 @@ _RANGES = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "batch": "i
            "grad_accumulate": "int >= 1", "epochs": "int >= 1", "ramp_epochs": "int >= 0",
            "lr_min_factor": ">= 0", "patience": "int >= 1", "loop": "int >= 1", "init_noise": ">= 0",
            "init_samples": "int >= 1", "init_refine": "int >= 0", "train_noise": ">= 0", "seed": "int >= 0",
+           "neighbour_mix": ">= 0", "neighbour_k": "int >= 1",
            "max_time_s": "> 0", "max_epochs": "int >= 1"}
 _OPTIONAL = {"grad_clip", "max_time_s", "max_epochs"}
 
