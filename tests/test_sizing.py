@@ -12,6 +12,7 @@ import pytest
 from qinco2.codec.codec import QincoCodec
 from qinco2.codec.model import ModelConfig, QincoModel
 from qinco2.codec.sizing import (
+    SMALL_DATA_MIX,
     VALUES_PER_PARAMETER,
     fit_to_data,
     network_parameter_count,
@@ -53,13 +54,19 @@ def test_codec_train_adapts_and_says_so(clustered, caplog):
     fields = dict(M=2, K=16, A=4, B=2, batch=256, max_epochs=1, epochs=1, ramp_epochs=1)  # L, de, dh: preset
     with caplog.at_level(logging.WARNING, logger="qinco2.codec.codec"):
         codec = QincoCodec.from_preset("qinco2-S", **fields).train(x[:1000], x[1000:], progress=False)
-    assert "small for this model" in caplog.text
+    assert "small for this model" in caplog.text and "neighbour_mix=0.5" in caplog.text
     assert codec.model_config.dh < 256 and codec.train_config.patience <= 5
+    assert codec.train_config.neighbour_mix == SMALL_DATA_MIX
     pinned = QincoCodec.from_preset("qinco2-S", small_data="keep", **fields).train(x[:1000], x[1000:],
                                                                                   progress=False)
     assert (pinned.model_config.dh, pinned.model_config.L, pinned.model_config.de) == (256, 2, 128)
-    given = QincoCodec.from_preset("qinco2-S", dh=32, **fields).train(x[:1000], x[1000:], progress=False)
+    assert pinned.train_config.neighbour_mix == 0                              # keep: nothing changes
+    given = QincoCodec.from_preset("qinco2-S", dh=32, neighbour_mix=0.0, **fields).train(x[:1000], x[1000:],
+                                                                                        progress=False)
     assert given.model_config.dh == 32 and given.model_config.de < 128        # given fields stay
+    assert given.train_config.neighbour_mix == 0
+    big = QincoCodec.from_preset("qinco2-S", L=1, de=8, dh=8, **fields).train(x[:1000], x[1000:], progress=False)
+    assert big.train_config.neighbour_mix == 0                                 # not small: no mixing
 
 
 def test_small_text_set_beats_faiss_rq_of_the_same_size():

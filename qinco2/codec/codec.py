@@ -21,7 +21,7 @@ from .encode import decode_prepared, encode, prepare_steps
 from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
 from .precision import check_precision
 from .reference import model_from_reference
-from .sizing import SMALL_DATA_PATIENCE, fit_to_data
+from .sizing import SMALL_DATA_MIX, SMALL_DATA_PATIENCE, fit_to_data
 from .train import TrainConfig, TrainState, fit, initialize
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,15 @@ class QincoCodec:
         new, note = fit_to_data(cfg, n_train, fixed)
         if note is None:
             return cfg
-        log.warning(note)
-        if new is not cfg and "patience" not in (self.fixed or _TRAIN_FIELDS):
+        chosen = self.fixed or _TRAIN_FIELDS
+        if new is not cfg and "patience" not in chosen:
             self.train_config = dataclasses.replace(
                 self.train_config, patience=min(self.train_config.patience, SMALL_DATA_PATIENCE))
+        if self.small_data == "adapt" and "neighbour_mix" not in chosen:
+            self.train_config = dataclasses.replace(self.train_config, neighbour_mix=SMALL_DATA_MIX)
+            note += (f"; each training row is moved up to {SMALL_DATA_MIX:g} of the way to one of its nearest "
+                     f"training rows (neighbour_mix={SMALL_DATA_MIX:g}; neighbour_mix=0 turns it off)")
+        log.warning(note)
         return new
 
     # ------------------------------------------------------------------ inference

@@ -10,8 +10,12 @@ early and then overfits, and the network's gain over the RQ initialisation is sm
 
 :func:`fit_to_data` then shrinks the network along :data:`SHRINK_ORDER` (hidden width, depth,
 embedding width, each no lower than its floor) until the rule holds or nothing is left to
-shrink, and shortens the patience of the early stop. Fields the caller set explicitly are
-never changed.
+shrink, and shortens the patience of the early stop. Training on a small set also mixes
+each training row with one of its nearest training rows (``neighbour_mix``,
+:mod:`.augment`), :data:`SMALL_DATA_MIX` of the way at most: on wordnet-minilm at 8 bytes
+this lowered the database MSE from 0.492 to 0.450 with 9k training rows (the shrunk network)
+and from 0.324 to 0.316 with 75k rows (the full one, 30 minutes). Fields the caller set
+explicitly are never changed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .model import ModelConfig, expected_parameter_count
 VALUES_PER_PARAMETER = 20
 SHRINK_ORDER = (("dh", 64), ("L", 1), ("de", 32))   # field, floor: halve dh, then L, then de
 SMALL_DATA_PATIENCE = 5
+SMALL_DATA_MIX = 0.5    # neighbour_mix on a small training set (measured: see the module docstring)
 
 
 def codebook_parameter_count(cfg: ModelConfig) -> int:
