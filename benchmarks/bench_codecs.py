@@ -111,7 +111,7 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) ->
     st = codec.train_state_
     usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
     arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
-    training = {k: getattr(codec.train_config, k) for k in ("weight_decay", "patience")}   # after the small-data rule
+    training = {k: getattr(codec.train_config, k) for k in ("weight_decay", "patience", "neighbour_mix")}   # after the small-data rule
     return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides,
             "eval_A": A, "eval_B": B, "architecture": arch, "training": training,
             "n_train": len(xt), "epochs_run": st.epoch,
