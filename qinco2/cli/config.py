@@ -113,7 +113,8 @@ class CliArgs:
     neighbour_mix: float = _key(0.0, "move each training row a random share, up to this, of the way to one of its "
                                 "nearest training rows (a regulariser for small training sets)")
     neighbour_k: int = _key(10, "nearest training rows neighbour_mix draws from")
-    small_data: str = _key("adapt", "adapt | keep: shrink the network for a small training set")
+    small_data: str = _key("adapt", "adapt | keep: shrink the network and mix training rows with their "
+                           "neighbours (neighbour_mix) for a small training set")
     threads: Optional[int] = _key(None, "CPU threads of torch and faiss (null = their default)")
     adaptive_threads: bool = _key(True, "use fewer CPU threads while other processes keep cores busy "
                                   "(false, or QINCO2_ADAPTIVE_THREADS=0: never)")

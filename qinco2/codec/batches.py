@@ -96,7 +96,7 @@ def epoch_length(
 
 def _window_blocks(
     train: np.ndarray, epoch: int, loop: int, block_rows: int, rng: np.random.Generator, check
-) -> Iterator[np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Blocks of ``block_rows`` consecutive rows of the epoch's wrapping window, each permuted,
     with their row numbers: ``(rows, ids)``; ``check(rows, first_row=...)`` is called on the rows
     as they are read."""
@@ -117,7 +117,7 @@ def _window_blocks(
 
 def _permuted_blocks(
     train: np.ndarray, block_rows: int, rng: np.random.Generator, check
-) -> Iterator[np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The whole training set in one random order, gathered ``block_rows`` rows at a time, with
     their row numbers: ``(rows, ids)``; ``check(rows, row_ids=...)`` is called on the rows as they
     are read."""

@@ -66,8 +66,9 @@ class QincoCodec:
         """A codec from a preset (``qinco1``, ``qinco2-S/M/L``); any field may be overridden.
 
         ``small_data="adapt"``: when the training set turns out to be small for the network
-        (:mod:`qinco2.codec.sizing`), :meth:`train` shrinks the fields not given here and
-        stops earlier, and logs a warning saying so; ``"keep"``: only the warning."""
+        (:mod:`qinco2.codec.sizing`), :meth:`train` shrinks the fields not given here, stops
+        earlier and mixes the training rows with their neighbours (``neighbour_mix``, unless
+        given), and logs a warning saying so; ``"keep"``: only the warning."""
         unknown = set(overrides) - _MODEL_FIELDS - _TRAIN_FIELDS
         if unknown:
             raise ConfigError(f"unknown codec field(s) {sorted(unknown)}; model fields: "
