@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qinco2.codec.train as train_module
-from qinco2.codec.augment import mix_with_neighbours, noise_generator, training_neighbours
+from qinco2.codec.augment import augment_generator, mix_with_neighbours, training_neighbours
 from qinco2.codec.codec import QincoCodec
 from qinco2.codec.train import TrainConfig
 from qinco2.errors import ConfigError, InputError
@@ -66,7 +66,7 @@ def test_neighbours_of_duplicates_tiny_sets_and_bad_rows():
 
 def test_mix_moves_each_row_part_of_the_way():
     u, v = torch.zeros(2000, 4), torch.ones(2000, 4)
-    mixed = mix_with_neighbours(u, v, 0.5, noise_generator(0, 0, 0, "cpu"))
+    mixed = mix_with_neighbours(u, v, 0.5, augment_generator(0, 0, 0, "cpu"))
     lam = mixed[:, 0]
     assert torch.equal(mixed, lam[:, None].expand(-1, 4))              # on the segment from u to v
     assert 0 <= float(lam.min()) < 0.01 and 0.49 < float(lam.max()) < 0.5

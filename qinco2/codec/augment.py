@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import time
 
-import faiss
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..metrics import knn
 from .batches import check_rows_finite, row_source
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 NEIGHBOUR_BLOCK = 65_536    # rows searched together: exact neighbours up to this many training rows
 
 
-def noise_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
+def augment_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
     """The generator of an epoch's augmentation draws on process ``rank``, seeded from the seed,
     the epoch and the rank (a resumed run draws the same, the processes of a launched run each
     their own, and the batches are those of a run without augmentation)."""
@@ -72,8 +72,8 @@ def training_neighbours(x_train, k: int, *, normalize, seed: int,
             continue
         rows = np.asarray(x_train[ids], dtype=np.float32)
         check_rows_finite(rows, "x_train", source, row_ids=ids)
-        rows = np.ascontiguousarray(normalize(rows).cpu().numpy())
-        _, found = faiss.knn(rows, rows, kk + 1)
+        rows = normalize(rows).cpu().numpy()
+        found = knn(rows, rows, kk + 1)
         is_self = found == np.arange(len(ids))[:, None]
         keep = ~is_self
         keep[~is_self.any(axis=1), -1] = False             # a duplicate row came first: drop the farthest

@@ -124,12 +124,20 @@ def _permuted_blocks(
     order = rng.permutation(len(train))
     for i in range(0, len(order), block_rows):
         idx = order[i : i + block_rows]
-        sort = np.argsort(idx)  # read the file in increasing row order
-        rows = np.asarray(train[idx[sort]])
-        check(rows, row_ids=idx[sort])
-        block = np.empty((len(idx), *train.shape[1:]), dtype=train.dtype)
-        block[sort] = rows
-        yield block, idx
+        yield gather_rows(train, idx, check), idx
+
+
+def gather_rows(train: np.ndarray, ids: np.ndarray, check=None) -> np.ndarray:
+    """Rows ``ids`` of ``train``, in that order and ``train``'s dtype, read in increasing row order
+    (a memory map is read forwards); ``check(rows, row_ids=...)``, if given, is called on the rows
+    as they are read."""
+    sort = np.argsort(ids)
+    rows = np.asarray(train[ids[sort]])
+    if check is not None:
+        check(rows, row_ids=ids[sort])
+    out = np.empty((len(ids), *train.shape[1:]), dtype=train.dtype)
+    out[sort] = rows
+    return out
 
 
 def _cut(blocks: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

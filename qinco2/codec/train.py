@@ -19,8 +19,8 @@ from ..checkpoint import save_checkpoint
 from ..distributed import Workers
 from ..errors import ConfigError
 from ..progress import progress_bar
-from .augment import add_noise, mix_with_neighbours, noise_generator, pick_neighbours, training_neighbours
-from .batches import TRAIN_FIX, VAL_FIX, epoch_batches, epoch_length, require_rows
+from .augment import add_noise, augment_generator, mix_with_neighbours, pick_neighbours, training_neighbours
+from .batches import TRAIN_FIX, VAL_FIX, epoch_batches, epoch_length, gather_rows, require_rows
 from .batches import validation_mse as validation_mse
 from .encode import encode
 from .model import QincoModel
@@ -115,7 +115,7 @@ def _train_epoch(run: _Run, x_train, bar, deadline) -> tuple[float, list, bool]:
     # final beams (a quarter of the float32 search's work at B=2; the step needs only the codes)
     precision = "bf16" if amp == torch.bfloat16 else "fp32"
     losses, out_of_time, resets = [], False, [0] * len(model.steps)
-    draws = noise_generator(cfg.seed, state.epoch, workers.rank, device) if _augmented(cfg) else None
+    draws = augment_generator(cfg.seed, state.epoch, workers.rank, device) if _augmented(cfg) else None
     batches = epoch_batches(x_train, state.epoch, loop=cfg.loop, batch_size=cfg.batch, rng=rng, with_ids=True,
                             full_pass=cfg.full_epochs, rank=workers.rank, world_size=workers.world_size)
     for i, (batch, ids) in enumerate(batches):     # encode() calls threads.tick()
@@ -161,11 +161,8 @@ def _augment(run: _Run, x_train, u_ND: torch.Tensor, ids_N: np.ndarray, draws: t
     (``neighbour_mix``), then jittered (``train_noise``); :mod:`.augment`."""
     cfg, model = run.cfg, run.model
     if cfg.neighbour_mix:
-        picked = pick_neighbours(ids_N, run.neighbours, draws)
-        order = np.argsort(picked)
-        rows = np.empty((len(picked), u_ND.shape[1]), dtype=np.float32)
-        rows[order] = np.asarray(x_train[picked[order]], dtype=np.float32)    # read in file order
-        v_ND = model.normalize(torch.from_numpy(rows).to(u_ND.device))
+        rows = gather_rows(x_train, pick_neighbours(ids_N, run.neighbours, draws))
+        v_ND = model.normalize(torch.as_tensor(np.asarray(rows, dtype=np.float32), device=u_ND.device))
         u_ND = mix_with_neighbours(u_ND, v_ND, cfg.neighbour_mix, draws)
     if cfg.train_noise:
         u_ND = add_noise(u_ND, cfg.train_noise, draws)
