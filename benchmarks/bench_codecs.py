@@ -101,7 +101,8 @@ def run_faiss(name: str, M: int, xt, xb, xq, gt, mse_scale, metric, n_train: int
 def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) -> dict:
     preset, overrides, eval_AB = QINCO_SETTINGS[name]
     overrides = {**overrides, "M": M, "max_time_s": args.qinco_minutes * 60,
-                 **({"init_refine": args.init_refine} if args.init_refine else {})}
+                 **({"init_refine": args.init_refine} if args.init_refine else {}),
+                 **({"cpu_bf16": True} if args.cpu_bf16 else {})}
     codec = QincoCodec.from_preset(preset, device=getattr(args, "device", "cpu"), **overrides)
     out = os.path.join(args.model_dir, f"{name}-{args.dataset}-{M}x8.pt")
     _, t_train = timed(lambda: codec.train(xt, xv, mse_scale=mse_scale, output=out, progress=False))
@@ -111,7 +112,8 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) ->
     st = codec.train_state_
     usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
     arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
-    training = {k: getattr(codec.train_config, k) for k in ("weight_decay", "patience", "neighbour_mix")}   # after the small-data rule
+    training = {k: getattr(codec.train_config, k)                 # after the small-data rule
+                for k in ("weight_decay", "patience", "neighbour_mix", "cpu_bf16")}
     return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides,
             "eval_A": A, "eval_B": B, "architecture": arch, "training": training,
             "n_train": len(xt), "epochs_run": st.epoch,
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--init-refine", type=int, default=0,
                    help="rounds of joint refinement of the RQ initialisation (TrainConfig.init_refine; its time "
                         "counts against --qinco-minutes)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="train the qinco2 codecs in bfloat16 autocast on the CPU (TrainConfig.cpu_bf16)")
     p.add_argument("--eval-AB", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first rows of the training split")

@@ -12,6 +12,7 @@ import pytest
 from qinco2.codec.codec import QincoCodec
 from qinco2.codec.model import ModelConfig, QincoModel
 from qinco2.codec.sizing import (
+    MIXED_VALUES_PER_PARAMETER,
     SMALL_DATA_MIX,
     VALUES_PER_PARAMETER,
     fit_to_data,
@@ -47,6 +48,32 @@ def test_small_data_shrinks_unfixed_fields_until_the_rule_holds():
     assert (kept.dh, kept.L) == (cfg.dh, cfg.L) and kept.E < cfg.E
     same, note = fit_to_data(cfg, 10_000, fixed={"dh", "L", "de"})
     assert same is cfg and "train on more rows" in note
+
+
+def test_mixed_rows_need_fewer_values_per_parameter():
+    cfg = ModelConfig.from_preset("qinco2-S", D=384)
+    n = int(10 * network_parameter_count(cfg) / 384)                  # 10 values per parameter
+    shrunk, _ = fit_to_data(cfg, n)
+    assert values_per_parameter(shrunk, n) >= VALUES_PER_PARAMETER
+    kept, note = fit_to_data(cfg, n, least=MIXED_VALUES_PER_PARAMETER)
+    assert kept is cfg and "small for this model" in note and "keeping L=2 de=128 dh=256" in note
+    tiny = n // 4                                                     # 2.5 values per parameter
+    new, _ = fit_to_data(cfg, tiny, least=MIXED_VALUES_PER_PARAMETER)
+    assert MIXED_VALUES_PER_PARAMETER <= values_per_parameter(new, tiny) < VALUES_PER_PARAMETER
+    assert new.dh < cfg.dh
+
+
+def test_codec_keeps_a_network_its_mixed_rows_can_train(clustered, caplog):
+    """11 values per parameter: enough with neighbour mixing (the rule's default), too few without."""
+    x = clustered(700, D=16)
+    fields = dict(M=2, K=16, A=4, B=2, de=8, dh=8, batch=256, max_epochs=1, epochs=1, ramp_epochs=1)  # L: preset
+    with caplog.at_level(logging.WARNING, logger="qinco2.codec.codec"):
+        mixed = QincoCodec.from_preset("qinco2-S", **fields).train(x[:500], x[500:], progress=False)
+    assert 5 < values_per_parameter(mixed.model_config, 500) < VALUES_PER_PARAMETER
+    assert mixed.model_config.L == 2 and mixed.train_config.neighbour_mix == SMALL_DATA_MIX
+    assert mixed.train_config.patience > 5 and "keeping" in caplog.text
+    plain = QincoCodec.from_preset("qinco2-S", neighbour_mix=0.0, **fields).train(x[:500], x[500:], progress=False)
+    assert plain.model_config.L == 1 and plain.train_config.patience <= 5
 
 
 def test_codec_train_adapts_and_says_so(clustered, caplog):
@@ -89,6 +116,6 @@ def test_small_text_set_beats_faiss_rq_of_the_same_size():
     codec = QincoCodec.from_preset("qinco2-S", M=M, K=K, A=4, B=2, lr=2e-3, batch=256, loop=8_000,
                                    epochs=4, ramp_epochs=1, max_epochs=4)
     codec.train(x_train, x_val, progress=False)
-    assert codec.model_config.dh < 256                            # the small-set rule applied
+    assert codec.train_config.neighbour_mix == SMALL_DATA_MIX     # the small-set rule applied
     ours = mse(x_db, codec.decode(codec.encode(x_db)))
     assert ours <= rq_mse, (ours, rq_mse)

@@ -21,7 +21,13 @@ from .encode import decode_prepared, encode, prepare_steps
 from .model import PRESETS, ModelConfig, QincoModel, state_dict_problems
 from .precision import check_precision
 from .reference import model_from_reference
-from .sizing import SMALL_DATA_MIX, SMALL_DATA_PATIENCE, fit_to_data
+from .sizing import (
+    MIXED_VALUES_PER_PARAMETER,
+    SMALL_DATA_MIX,
+    SMALL_DATA_PATIENCE,
+    VALUES_PER_PARAMETER,
+    fit_to_data,
+)
 from .train import TrainConfig, TrainState, fit, initialize
 
 log = logging.getLogger(__name__)
@@ -187,10 +193,11 @@ class QincoCodec:
     def _fit_to_data(self, cfg: ModelConfig, n_train: int) -> ModelConfig:
         """``cfg`` shrunk for a small training set (see :mod:`.sizing`), with a warning."""
         fixed = _MODEL_FIELDS if self.fixed is None or self.small_data == "keep" else self.fixed
-        new, note = fit_to_data(cfg, n_train, fixed)
+        chosen = self.fixed or _TRAIN_FIELDS
+        mixing = self.train_config.neighbour_mix > 0 or (self.small_data == "adapt" and "neighbour_mix" not in chosen)
+        new, note = fit_to_data(cfg, n_train, fixed, MIXED_VALUES_PER_PARAMETER if mixing else VALUES_PER_PARAMETER)
         if note is None:
             return cfg
-        chosen = self.fixed or _TRAIN_FIELDS
         if new is not cfg and "patience" not in chosen:
             self.train_config = dataclasses.replace(
                 self.train_config, patience=min(self.train_config.patience, SMALL_DATA_PATIENCE))
