@@ -194,14 +194,15 @@ class QincoCodec:
         """``cfg`` shrunk for a small training set (see :mod:`.sizing`), with a warning."""
         fixed = _MODEL_FIELDS if self.fixed is None or self.small_data == "keep" else self.fixed
         chosen = self.fixed or _TRAIN_FIELDS
-        mixing = self.train_config.neighbour_mix > 0 or (self.small_data == "adapt" and "neighbour_mix" not in chosen)
+        sets_mix = self.small_data == "adapt" and "neighbour_mix" not in chosen
+        mixing = sets_mix or self.train_config.neighbour_mix > 0
         new, note = fit_to_data(cfg, n_train, fixed, MIXED_VALUES_PER_PARAMETER if mixing else VALUES_PER_PARAMETER)
         if note is None:
             return cfg
         if new is not cfg and "patience" not in chosen:
             self.train_config = dataclasses.replace(
                 self.train_config, patience=min(self.train_config.patience, SMALL_DATA_PATIENCE))
-        if self.small_data == "adapt" and "neighbour_mix" not in chosen:
+        if sets_mix:
             self.train_config = dataclasses.replace(self.train_config, neighbour_mix=SMALL_DATA_MIX)
             note += (f"; each training row is moved up to {SMALL_DATA_MIX:g} of the way to one of its nearest "
                      f"training rows (neighbour_mix={SMALL_DATA_MIX:g}; neighbour_mix=0 turns it off)")
