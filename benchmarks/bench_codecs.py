@@ -113,10 +113,10 @@ def run_qinco(name: str, M: int, xt, xv, xb, xq, gt, mse_scale, metric, args) ->
     usage, entropy = code_usage(codes, [codec.model_config.K] * codes.shape[1])
     arch = {k: getattr(codec.model_config, k) for k in ("L", "de", "dh", "A", "B")}
     training = {k: getattr(codec.train_config, k)                 # after the small-data rule
-                for k in ("weight_decay", "patience", "neighbour_mix", "cpu_bf16")}
+                for k in ("weight_decay", "patience", "neighbour_mix", "neighbour_k", "train_noise", "cpu_bf16")}
     return {"codec": f"ours: {preset} (A={A}, B={B})", "preset": preset, "overrides": overrides,
             "eval_A": A, "eval_B": B, "architecture": arch, "training": training,
-            "n_train": len(xt), "epochs_run": st.epoch,
+            "n_train": len(xt), "n_val": len(xv), "epochs_run": st.epoch,
             "best_epoch": st.best_epoch, "val_mse_init": st.init_mse, "val_mse_best": st.best_mse,
             "usage_per_step": [round(float(u), 3) for u in usage],
             "entropy_per_step": [round(float(e), 2) for e in entropy],
@@ -153,6 +153,9 @@ def main() -> None:
     p.add_argument("--eval-AB", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="A and B used to encode the database (default: per codec, see QINCO_SETTINGS)")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first rows of the training split")
+    p.add_argument("--valset", type=int, default=DataLimits.valset,
+                   help="validation rows taken from the end of the training split (the CLI's ds.valset); "
+                        "every codec trains on the rows before them")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="device of the qinco2 codecs (faiss codecs stay on the CPU)")
     p.add_argument("--model-dir", default="runs/bench")
@@ -164,7 +167,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     os.makedirs(args.model_dir, exist_ok=True)
     ds = resolve_dataset(args.dataset)
-    xt_raw, xv_raw = ds.train_val(DataLimits())
+    xt_raw, xv_raw = ds.train_val(DataLimits(valset=args.valset))
     xt_raw = xt_raw[:args.train_rows] if args.train_rows else xt_raw
     xt = np.ascontiguousarray(xt_raw, dtype=np.float32)
     xb = np.ascontiguousarray(ds.database(DataLimits()), dtype=np.float32)
